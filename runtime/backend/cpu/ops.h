@@ -1,0 +1,46 @@
+// File: ops.h
+// CPU reference-and-production ops. Activations are fp32; weights may be bf16/f16/f32
+// (read in place, never copied to fp32). Inner loops use AVX2/FMA when the CPU has them
+// (runtime dispatch) and are threaded over the global ThreadPool.
+//
+// Shapes are written [rows, cols], row-major.
+#ifndef QSHARD_RUNTIME_BACKEND_CPU_OPS_H_
+#define QSHARD_RUNTIME_BACKEND_CPU_OPS_H_
+
+#include <cstdint>
+
+#include "runtime/base/tensor.h"
+
+namespace qshard::cpu {
+
+// Whether AVX2 + FMA kernels are in use (false forces the portable path in tests).
+bool HasAvx2();
+void SetSimdEnabled(bool enabled);
+
+// out[n, hidden] = table[ids[i], :], table [vocab, hidden] bf16/f16/f32.
+void Embedding(const Tensor& table, const int32_t* ids, int64_t n, float* out);
+
+// out[n, d] = x[n, d] * rsqrt(mean(x^2) + eps) * weight[d]; out may alias x.
+void RmsNorm(const float* x, const Tensor& weight, float eps, int64_t n, int64_t d, float* out);
+
+// residual[n, d] += x[n, d]; then out[n, d] = RmsNorm(residual) (fused residual add).
+void AddRmsNorm(float* residual, const float* x, const Tensor& weight, float eps, int64_t n,
+                int64_t d, float* out);
+
+// y[m, n] = x[m, k] . w[n, k]^T (+ bias[n]); w bf16/f16/f32, bias may be null.
+void Linear(const float* x, int64_t m, const Tensor& w, const Tensor* bias, float* y);
+
+// out[n, d] = silu(gate_up[n, 0:d]) * gate_up[n, d:2d]
+void SiluMul(const float* gate_up, int64_t n, int64_t d, float* out);
+
+// Converts any float tensor (bf16/f16/f32) of numel elements to fp32.
+void ToFloat(const Tensor& t, float* out);
+
+// Dot product of two fp32 vectors (SIMD).
+float Dot(const float* a, const float* b, int64_t n);
+// y[n] += alpha * x[n] (SIMD).
+void Axpy(float alpha, const float* x, float* y, int64_t n);
+
+}  // namespace qshard::cpu
+
+#endif  // QSHARD_RUNTIME_BACKEND_CPU_OPS_H_

@@ -1,0 +1,48 @@
+#include "runtime/base/tensor.h"
+
+#include <cassert>
+#include <cstdlib>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace qshard {
+
+int64_t NumElements(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+std::string ShapeToString(const Shape& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+Tensor Tensor::Empty(DType dtype, Shape shape) {
+  size_t bytes = static_cast<size_t>(NumElements(shape)) * DTypeSize(dtype);
+  // 64-byte alignment so SIMD loads never straddle cache lines needlessly.
+  size_t alloc = (bytes + 63) / 64 * 64;
+  void* p = alloc == 0 ? nullptr : std::aligned_alloc(64, alloc);
+  if (p != nullptr) std::memset(p, 0, alloc);
+  std::shared_ptr<const void> owner(p, [](const void* q) { std::free(const_cast<void*>(q)); });
+  return Tensor(dtype, std::move(shape), p, std::move(owner));
+}
+
+Tensor Tensor::Rows(int64_t begin, int64_t end) const {
+  assert(!shape_.empty() && begin >= 0 && begin <= end && end <= shape_[0]);
+  Shape s = shape_;
+  s[0] = end - begin;
+  size_t row_bytes = s.size() > 1 ? static_cast<size_t>(NumElements(Shape(s.begin() + 1, s.end())))
+                                  : 1;
+  row_bytes *= DTypeSize(dtype_);
+  return Tensor(dtype_, std::move(s), static_cast<uint8_t*>(data_) + begin * row_bytes, owner_,
+                device_);
+}
+
+Tensor Tensor::Reshape(Shape shape) const {
+  assert(NumElements(shape) == numel());
+  return Tensor(dtype_, std::move(shape), data_, owner_, device_);
+}
+
+}  // namespace qshard
