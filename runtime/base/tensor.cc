@@ -19,12 +19,12 @@ std::string ShapeToString(const Shape& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
-Tensor Tensor::Empty(DType dtype, Shape shape) {
+Tensor Tensor::Empty(DType dtype, Shape shape, bool zero) {
   size_t bytes = static_cast<size_t>(NumElements(shape)) * DTypeSize(dtype);
   // 64-byte alignment so SIMD loads never straddle cache lines needlessly.
   size_t alloc = (bytes + 63) / 64 * 64;
   void* p = alloc == 0 ? nullptr : std::aligned_alloc(64, alloc);
-  if (p != nullptr) std::memset(p, 0, alloc);
+  if (p != nullptr && zero) std::memset(p, 0, alloc);
   std::shared_ptr<const void> owner(p, [](const void* q) { std::free(const_cast<void*>(q)); });
   return Tensor(dtype, std::move(shape), p, std::move(owner));
 }

@@ -35,8 +35,9 @@ class Tensor {
         owner_(std::move(owner)),
         device_(device) {}
 
-  // New zero-initialized host tensor.
-  static Tensor Empty(DType dtype, Shape shape);
+  // New host tensor, zero-initialized unless `zero` is false (large caches: pages are
+  // then only touched when written).
+  static Tensor Empty(DType dtype, Shape shape, bool zero = true);
 
   DType dtype() const { return dtype_; }
   const Shape& shape() const { return shape_; }

@@ -60,10 +60,28 @@ class Sampler {
                       absl::Span<const int32_t> output, absl::Span<const int32_t> blocked);
 
  private:
+  // Applies blocked ids and the repetition / presence / frequency penalties to work_.
+  void ApplyPenalties(int32_t vocab, absl::Span<const int32_t> prompt,
+                      absl::Span<const int32_t> output, absl::Span<const int32_t> blocked);
+  // Draws from softmax(work_ / temperature) restricted by top_k / top_p / min_p.
+  int32_t SampleFromWork(int32_t vocab);
+  // Fills result->top with the params_.logprobs best raw log-softmax entries.
+  void FillTopLogprobs(const float* logits, int32_t vocab, double log_sum_exp,
+                       SampleResult* result);
+
   SamplingParams params_;
   std::mt19937_64 rng_;
   std::vector<float> work_;
   std::vector<int32_t> index_;
+  // Per-id scratch for the penalties, all zero between calls (only touched ids are reset,
+  // so a call costs O(prompt + output), not O(vocab)).
+  std::vector<int32_t> counts_;
+  std::vector<uint8_t> seen_;
+  // Sampling scratch: a second id list for the top_p cut, float values for the top_k
+  // threshold, and per-block weight sums that let the final draw skip whole blocks.
+  std::vector<int32_t> scratch_;
+  std::vector<float> values_;
+  std::vector<double> block_sums_;
 };
 
 }  // namespace qshard

@@ -30,8 +30,8 @@ void AddRmsNorm(float* residual, const float* x, const Tensor& weight, float eps
 // y[m, n] = x[m, k] . w[n, k]^T (+ bias[n]); w bf16/f16/f32, bias may be null.
 void Linear(const float* x, int64_t m, const Tensor& w, const Tensor* bias, float* y);
 
-// out[n, d] = silu(gate_up[n, 0:d]) * gate_up[n, d:2d]
-void SiluMul(const float* gate_up, int64_t n, int64_t d, float* out);
+// out[n, d] = silu(gate[n, d]) * up[n, d]; out may alias gate.
+void SiluMul(const float* gate, const float* up, int64_t n, int64_t d, float* out);
 
 // Converts any float tensor (bf16/f16/f32) of numel elements to fp32.
 void ToFloat(const Tensor& t, float* out);

@@ -1,0 +1,108 @@
+// File: backend.h
+// The narrow op interface between model code and a compute device. Model code includes
+// only this header; CPU and CUDA implementations live in backend/cpu and backend/cuda.
+//
+// Activations are [tokens, features] row-major in the backend's activation dtype (fp32 on
+// the CPU). One forward step covers several sequences; StepMetadata tells attention which
+// tokens belong to which sequence and where their K/V go in the paged cache.
+//
+//   auto backend = CreateBackend("cpu").value();
+//   auto q_proj = backend->PrepareLinear(weights).value();
+//   backend->Linear(x, *q_proj, q);
+#ifndef QSHARD_RUNTIME_BACKEND_BACKEND_H_
+#define QSHARD_RUNTIME_BACKEND_BACKEND_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kv/kv_cache_spec.h"
+#include "quant/linear_weights.h"
+#include "runtime/base/tensor.h"
+#include "runtime/checkpoint/model_config.h"
+
+namespace qshard {
+
+// A linear layer prepared for one backend (weights uploaded / repacked as it needs).
+class LinearOp {
+ public:
+  virtual ~LinearOp() = default;
+  virtual int64_t in_features() const = 0;
+  virtual int64_t out_features() const = 0;
+  // Name of the kernel that runs it, e.g. "cpu-dense-bf16-avx2".
+  virtual std::string kernel_name() const = 0;
+  // Bytes of weight memory it holds or reads (packed size for quantized formats).
+  virtual int64_t weight_bytes() const = 0;
+};
+
+// Where the tokens of one forward step go. T = total tokens, S = sequences.
+struct StepMetadata {
+  std::vector<int32_t> positions;     // [T] position of each token in its sequence
+  std::vector<int32_t> slot_mapping;  // [T] cache slot (block * block_size + offset) per token
+  std::vector<int32_t> query_start;   // [S + 1] token ranges of the sequences
+  std::vector<int32_t> context_lens;  // [S] K/V length of each sequence after this step
+  std::vector<int32_t> block_tables;  // [S, max_blocks_per_seq], padded with -1
+  int32_t max_blocks_per_seq = 0;
+  int32_t num_tokens() const { return static_cast<int32_t>(positions.size()); }
+  int32_t num_seqs() const { return static_cast<int32_t>(context_lens.size()); }
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual Device device() const = 0;
+  // Human-readable name ("cpu (2 threads, avx2)", "cuda:0 NVIDIA H100 80GB HBM3").
+  virtual std::string name() const = 0;
+  virtual DType activation_dtype() const = 0;
+
+  // --- memory -------------------------------------------------------------
+  // Makes a (small) host weight usable by ops: norm weights, embedding table.
+  virtual absl::StatusOr<Tensor> UploadWeight(const Tensor& host) = 0;
+  virtual absl::StatusOr<std::unique_ptr<LinearOp>> PrepareLinear(const LinearWeights& w) = 0;
+  // A new activation tensor [rows, cols] in activation_dtype().
+  virtual Tensor Allocate(int64_t rows, int64_t cols) = 0;
+  // Allocates the paged K/V storage for every layer.
+  virtual absl::Status AllocateKvCache(const KvCacheSpec& spec) = 0;
+  virtual const KvCacheSpec& kv_cache_spec() const = 0;
+  // Copies activations (e.g. logits [rows, vocab]) into host fp32 memory.
+  virtual absl::Status CopyToHost(const Tensor& src, float* dst) = 0;
+
+  // --- per step -------------------------------------------------------------
+  // Sets the token/sequence layout for the following ops (uploads indices on a GPU).
+  virtual absl::Status BeginStep(const StepMetadata& meta) = 0;
+
+  // --- ops (shapes: T tokens, H hidden) ---------------------------------------
+  // out[T, H] = table[ids[t], :]; ids is host memory of length T.
+  virtual void Embedding(const Tensor& table, const int32_t* ids, Tensor& out) = 0;
+  // out = RMSNorm(x) * w.
+  virtual void RmsNorm(const Tensor& x, const Tensor& w, float eps, Tensor& out) = 0;
+  // residual += x; out = RMSNorm(residual) * w.
+  virtual void AddRmsNorm(Tensor& residual, const Tensor& x, const Tensor& w, float eps,
+                          Tensor& out) = 0;
+  // y[T, out] = x[T, in] . W^T (+ bias).
+  virtual void Linear(const Tensor& x, const LinearOp& op, Tensor& y) = 0;
+  // Rotates q [T, heads*D] and k [T, kv_heads*D] in place at the step's positions
+  // (HF rotate-half layout).
+  virtual void Rope(Tensor& q, Tensor& k, int64_t head_dim, const RopeConfig& rope) = 0;
+  // Writes k, v [T, kv_heads*D] into layer's cache slots, then causal GQA attention of
+  // q [T, heads*D] over each sequence's cached K/V: out [T, heads*D].
+  virtual void Attention(int layer, const Tensor& q, const Tensor& k, const Tensor& v,
+                         int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                         float scale, Tensor& out) = 0;
+  // out[T, F] = silu(gate) * up.
+  virtual void SiluMul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
+  // x += y.
+  virtual void Add(Tensor& x, const Tensor& y) = 0;
+  // Rows of src selected by host indices: out[i] = src[rows[i]].
+  virtual void GatherRows(const Tensor& src, const std::vector<int32_t>& rows, Tensor& out) = 0;
+};
+
+// device: "cpu", "cuda" (first GPU), or "auto" (CUDA when built and a GPU is present).
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const std::string& device);
+
+}  // namespace qshard
+
+#endif  // QSHARD_RUNTIME_BACKEND_BACKEND_H_

@@ -1,0 +1,275 @@
+#include "runtime/backend/cpu/cpu_backend.h"
+
+#include <algorithm>
+#include <cassert>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/backend/cpu/ops.h"
+#include "runtime/base/half.h"
+#include "runtime/base/thread_pool.h"
+#include "runtime/checkpoint/rope_frequencies.h"
+
+namespace qshard {
+namespace {
+
+class CpuDenseLinear : public LinearOp {
+ public:
+  explicit CpuDenseLinear(const LinearWeights& w) : w_(w) {}
+  int64_t in_features() const override { return w_.in_features; }
+  int64_t out_features() const override { return w_.out_features; }
+  std::string kernel_name() const override {
+    return absl::StrCat("cpu-dense-", std::string(DTypeName(w_.weight.dtype())),
+                        cpu::HasAvx2() ? "-avx2" : "-scalar");
+  }
+  int64_t weight_bytes() const override {
+    return static_cast<int64_t>(w_.weight.nbytes() + (w_.bias.empty() ? 0 : w_.bias.nbytes()));
+  }
+  const LinearWeights& weights() const { return w_; }
+
+ private:
+  LinearWeights w_;  // views into the mmap'd checkpoint: no copy
+};
+
+// Stores one fp32 row into a cache row of the given dtype.
+void StoreRow(DType dt, const float* src, int64_t n, void* dst) {
+  switch (dt) {
+    case DType::kF32:
+      std::copy(src, src + n, static_cast<float*>(dst));
+      return;
+    case DType::kBF16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = F32ToBf16(src[i]);
+      return;
+    }
+    case DType::kF16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < n; ++i) d[i] = F32ToF16(src[i]);
+      return;
+    }
+    default:
+      assert(false && "unsupported KV cache dtype on the CPU backend");
+  }
+}
+
+class CpuBackend : public Backend {
+ public:
+  Device device() const override { return Device::kCpu; }
+  std::string name() const override {
+    return absl::StrCat("cpu (", ThreadPool::Global().num_threads(), " threads, ",
+                        cpu::HasAvx2() ? "avx2+fma" : "scalar", ")");
+  }
+  DType activation_dtype() const override { return DType::kF32; }
+
+  absl::StatusOr<Tensor> UploadWeight(const Tensor& host) override {
+    if (host.device() != Device::kCpu) {
+      return absl::InvalidArgumentError("CPU backend: weight is not in host memory");
+    }
+    return host;  // zero copy
+  }
+
+  absl::StatusOr<std::unique_ptr<LinearOp>> PrepareLinear(const LinearWeights& w) override {
+    if (w.format != WeightFormat::kDense) {
+      return absl::UnimplementedError(
+          absl::StrCat(w.name, ": weight format not supported by the CPU backend"));
+    }
+    DType dt = w.weight.dtype();
+    if (dt != DType::kBF16 && dt != DType::kF16 && dt != DType::kF32) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          w.name, ".weight: dtype ", std::string(DTypeName(dt)),
+          " is not a dense float format (expected bfloat16, float16 or float32)"));
+    }
+    return std::unique_ptr<LinearOp>(new CpuDenseLinear(w));
+  }
+
+  Tensor Allocate(int64_t rows, int64_t cols) override {
+    return Tensor::Empty(DType::kF32, {rows, cols});
+  }
+
+  absl::Status AllocateKvCache(const KvCacheSpec& spec) override {
+    if (spec.dtype != DType::kF32 && spec.dtype != DType::kBF16 && spec.dtype != DType::kF16) {
+      return absl::UnimplementedError(
+          absl::StrCat("CPU backend: KV cache dtype ", std::string(DTypeName(spec.dtype)),
+                       " is not supported (expected float32, bfloat16 or float16)"));
+    }
+    spec_ = spec;
+    k_cache_.clear();
+    v_cache_.clear();
+    for (int64_t l = 0; l < spec.num_layers; ++l) {
+      k_cache_.push_back(Tensor::Empty(spec.dtype, {spec.ElementsPerLayer()}, /*zero=*/false));
+      v_cache_.push_back(Tensor::Empty(spec.dtype, {spec.ElementsPerLayer()}, /*zero=*/false));
+    }
+    return absl::OkStatus();
+  }
+  const KvCacheSpec& kv_cache_spec() const override { return spec_; }
+
+  absl::Status CopyToHost(const Tensor& src, float* dst) override {
+    std::copy(src.data<float>(), src.data<float>() + src.numel(), dst);
+    return absl::OkStatus();
+  }
+
+  absl::Status BeginStep(const StepMetadata& meta) override {
+    meta_ = &meta;
+    token_seq_.assign(meta.num_tokens(), 0);
+    for (int32_t s = 0; s < meta.num_seqs(); ++s) {
+      for (int32_t t = meta.query_start[s]; t < meta.query_start[s + 1]; ++t) token_seq_[t] = s;
+    }
+    return absl::OkStatus();
+  }
+
+  void Embedding(const Tensor& table, const int32_t* ids, Tensor& out) override {
+    cpu::Embedding(table, ids, out.dim(0), out.data<float>());
+  }
+
+  void RmsNorm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override {
+    cpu::RmsNorm(x.data<float>(), w, eps, x.dim(0), x.dim(1), out.data<float>());
+  }
+
+  void AddRmsNorm(Tensor& residual, const Tensor& x, const Tensor& w, float eps,
+                  Tensor& out) override {
+    cpu::AddRmsNorm(residual.data<float>(), x.data<float>(), w, eps, x.dim(0), x.dim(1),
+                    out.data<float>());
+  }
+
+  void Linear(const Tensor& x, const LinearOp& op, Tensor& y) override {
+    const auto& lw = static_cast<const CpuDenseLinear&>(op).weights();
+    cpu::Linear(x.data<float>(), x.dim(0), lw.weight, lw.bias.empty() ? nullptr : &lw.bias,
+                y.data<float>());
+  }
+
+  void Rope(Tensor& q, Tensor& k, int64_t head_dim, const RopeConfig& rope) override {
+    if (inv_freq_.empty() || rope_head_dim_ != head_dim) {
+      inv_freq_ = RopeInvFrequencies(rope, head_dim);
+      rope_head_dim_ = head_dim;
+    }
+    const int64_t half = head_dim / 2;
+    const int64_t T = q.dim(0);
+    const int64_t qh = q.dim(1) / head_dim;
+    const int64_t kh = k.dim(1) / head_dim;
+    std::vector<float> cos(half), sin(half);
+    for (int64_t t = 0; t < T; ++t) {
+      const float pos = static_cast<float>(meta_->positions[t]);
+      for (int64_t i = 0; i < half; ++i) {
+        // The angle is formed in fp32 as the reference does, then cos/sin taken exactly.
+        const float angle = pos * inv_freq_[i];
+        cos[i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+        sin[i] = static_cast<float>(std::sin(static_cast<double>(angle)));
+      }
+      auto rotate = [&](float* v) {
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = v[i], x2 = v[i + half];
+          v[i] = x1 * cos[i] - x2 * sin[i];
+          v[i + half] = x2 * cos[i] + x1 * sin[i];
+        }
+      };
+      for (int64_t h = 0; h < qh; ++h) rotate(q.data<float>() + t * q.dim(1) + h * head_dim);
+      for (int64_t h = 0; h < kh; ++h) rotate(k.data<float>() + t * k.dim(1) + h * head_dim);
+    }
+  }
+
+  void Attention(int layer, const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_heads,
+                 int64_t num_kv_heads, int64_t head_dim, float scale, Tensor& out) override {
+    const StepMetadata& m = *meta_;
+    const int64_t T = q.dim(0);
+    const int64_t bs = spec_.block_size;
+    const DType dt = spec_.dtype;
+    const size_t esz = DTypeSize(dt);
+    uint8_t* kc = static_cast<uint8_t*>(k_cache_[layer].raw());
+    uint8_t* vc = static_cast<uint8_t*>(v_cache_[layer].raw());
+    // Cache address of (block, kv head, offset): layout [blocks, kv_heads, block_size, D].
+    auto row = [&](uint8_t* base, int64_t block, int64_t h, int64_t off) {
+      return base + (((block * num_kv_heads + h) * bs + off) * head_dim) * esz;
+    };
+    // 1) Write this step's K/V into their slots.
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t slot = m.slot_mapping[t];
+      const int64_t block = slot / bs, off = slot % bs;
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        StoreRow(dt, k.data<float>() + t * k.dim(1) + h * head_dim, head_dim,
+                 row(kc, block, h, off));
+        StoreRow(dt, v.data<float>() + t * v.dim(1) + h * head_dim, head_dim,
+                 row(vc, block, h, off));
+      }
+    }
+    // 2) Causal attention per (token, head); token t sees positions 0..positions[t].
+    const int64_t group = num_heads / num_kv_heads;
+    ThreadPool::Global().ParallelFor(T * num_heads, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<float> scores, kbuf, acc;
+      kbuf.resize(head_dim);
+      acc.resize(head_dim);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t t = item / num_heads, h = item % num_heads;
+        const int64_t kvh = h / group;
+        const int32_t s = token_seq_[t];
+        const int32_t* table = m.block_tables.data() + static_cast<int64_t>(s) * m.max_blocks_per_seq;
+        const int64_t len = m.positions[t] + 1;
+        const float* qv = q.data<float>() + t * q.dim(1) + h * head_dim;
+        scores.resize(len);
+        float max_score = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < len; ++j) {
+          const uint8_t* kr = row(kc, table[j / bs], kvh, j % bs);
+          const float* kf = reinterpret_cast<const float*>(kr);
+          if (dt != DType::kF32) {
+            cpu::ToFloat(Tensor(dt, {head_dim}, const_cast<uint8_t*>(kr), nullptr), kbuf.data());
+            kf = kbuf.data();
+          }
+          scores[j] = cpu::Dot(qv, kf, head_dim) * scale;
+          max_score = std::max(max_score, scores[j]);
+        }
+        double denom = 0.0;
+        for (int64_t j = 0; j < len; ++j) {
+          scores[j] = std::exp(scores[j] - max_score);
+          denom += scores[j];
+        }
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t j = 0; j < len; ++j) {
+          const uint8_t* vr = row(vc, table[j / bs], kvh, j % bs);
+          const float* vf = reinterpret_cast<const float*>(vr);
+          if (dt != DType::kF32) {
+            cpu::ToFloat(Tensor(dt, {head_dim}, const_cast<uint8_t*>(vr), nullptr), kbuf.data());
+            vf = kbuf.data();
+          }
+          cpu::Axpy(scores[j], vf, acc.data(), head_dim);
+        }
+        float* o = out.data<float>() + t * out.dim(1) + h * head_dim;
+        const float inv = static_cast<float>(1.0 / denom);
+        for (int64_t d = 0; d < head_dim; ++d) o[d] = acc[d] * inv;
+      }
+    });
+  }
+
+  void SiluMul(const Tensor& gate, const Tensor& up, Tensor& out) override {
+    cpu::SiluMul(gate.data<float>(), up.data<float>(), gate.dim(0), gate.dim(1),
+                 out.data<float>());
+  }
+
+  void Add(Tensor& x, const Tensor& y) override {
+    float* a = x.data<float>();
+    const float* b = y.data<float>();
+    for (int64_t i = 0; i < x.numel(); ++i) a[i] += b[i];
+  }
+
+  void GatherRows(const Tensor& src, const std::vector<int32_t>& rows, Tensor& out) override {
+    const int64_t cols = src.dim(1);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      std::copy(src.data<float>() + rows[i] * cols, src.data<float>() + (rows[i] + 1) * cols,
+                out.data<float>() + i * cols);
+    }
+  }
+
+ private:
+  KvCacheSpec spec_;
+  std::vector<Tensor> k_cache_, v_cache_;  // per layer: [blocks, kv_heads, block_size, D]
+  const StepMetadata* meta_ = nullptr;
+  std::vector<int32_t> token_seq_;  // [T] sequence index of each token
+  std::vector<float> inv_freq_;
+  int64_t rope_head_dim_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> CreateCpuBackend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace qshard

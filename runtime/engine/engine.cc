@@ -1,0 +1,364 @@
+#include "runtime/engine/engine.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/base/log.h"
+#include "runtime/base/status_macros.h"
+
+namespace qshard {
+
+std::string FinishReasonName(FinishReason r) {
+  switch (r) {
+    case FinishReason::kNone:
+      return "none";
+    case FinishReason::kStop:
+      return "stop";
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kAbort:
+      return "abort";
+    case FinishReason::kError:
+      return "error";
+  }
+  return "?";
+}
+
+struct Engine::Sequence {
+  std::string id;
+  SamplingParams params;
+  int32_t prompt_len = 0;
+  std::vector<int32_t> all;     // prompt + generated tokens
+  int64_t num_computed = 0;     // leading tokens of `all` whose K/V are in the cache
+  int64_t chunk = 0;            // tokens scheduled in the current step
+  BlockTable blocks;
+  std::unique_ptr<Sampler> sampler;
+  std::unique_ptr<IncrementalDetokenizer> detok;
+  std::string text;             // all generated text so far
+  size_t emitted = 0;           // bytes of `text` already returned
+  FinishReason abort_reason = FinishReason::kNone;  // set by Abort() between steps
+  absl::Status error;
+
+  int32_t num_generated() const { return static_cast<int32_t>(all.size()) - prompt_len; }
+  absl::Span<const int32_t> prompt() const { return {all.data(), static_cast<size_t>(prompt_len)}; }
+  absl::Span<const int32_t> output() const {
+    return {all.data() + prompt_len, all.size() - prompt_len};
+  }
+};
+
+Engine::~Engine() = default;
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
+  std::unique_ptr<Engine> e(new Engine());
+  e->options_ = options;
+  QSHARD_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(options.model_dir));
+  QSHARD_ASSIGN_OR_RETURN(e->tokenizer_, LoadTokenizer(options.model_dir));
+  QSHARD_ASSIGN_OR_RETURN(e->backend_, CreateBackend(options.device));
+  QSHARD_ASSIGN_OR_RETURN(e->model_, LlamaModel::Load(options.model_dir, config, e->backend_.get()));
+
+  e->max_model_len_ = options.max_model_len > 0 ? options.max_model_len
+                                                : config.max_position_embeddings;
+  if (options.max_model_len > config.max_position_embeddings) {
+    QSHARD_LOG(WARNING) << "--max-model-len " << options.max_model_len
+                        << " exceeds the model's max_position_embeddings "
+                        << config.max_position_embeddings;
+  }
+  if (options.block_size <= 0 || options.block_size > 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--block-size must be in [1, 1024], got ", options.block_size));
+  }
+
+  KvCacheSpec spec;
+  spec.num_layers = config.num_layers;
+  spec.num_kv_heads = config.num_kv_heads;
+  spec.head_dim = config.head_dim;
+  spec.block_size = options.block_size;
+  // The CPU computes in fp32 (like the reference), so its "auto" KV dtype is fp32.
+  const DType auto_dtype =
+      e->backend_->device() == Device::kCpu ? DType::kF32 : config.dtype;
+  spec.dtype = ResolveKvCacheDType(options.kv_cache_dtype, auto_dtype);
+  const int64_t budget =
+      options.kv_cache_memory_bytes > 0 ? options.kv_cache_memory_bytes : (int64_t{512} << 20);
+  spec.num_blocks = budget / spec.BytesPerBlock();
+  if (spec.num_blocks < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kv-cache-memory-bytes ", budget, " is smaller than one KV block (",
+        spec.BytesPerBlock(), " bytes = ", spec.block_size, " tokens x ", spec.BytesPerToken(),
+        " bytes per token)"));
+  }
+  QSHARD_RETURN_IF_ERROR(e->model_->AllocateKvCache(spec));
+  e->allocator_ = std::make_unique<BlockAllocator>(static_cast<int32_t>(spec.num_blocks));
+  QSHARD_LOG(INFO) << "engine ready: " << config.architecture << " from " << options.model_dir
+                   << " on " << e->backend_->name() << "; KV cache " << spec.num_blocks
+                   << " blocks x " << spec.block_size << " tokens ("
+                   << spec.num_blocks * spec.block_size << " tokens, "
+                   << DTypeName(spec.dtype) << ", " << spec.TotalBytes() / (1 << 20)
+                   << " MiB); max model len " << e->max_model_len_ << "; linear kernel "
+                   << e->model_->weight_summary().linear_kernel;
+  return e;
+}
+
+absl::Status Engine::AddRequest(Request request) {
+  if (seqs_.count(request.id)) {
+    return absl::AlreadyExistsError(absl::StrCat("request_id '", request.id, "' is in use"));
+  }
+  const int32_t vocab = static_cast<int32_t>(config().vocab_size);
+  if (request.prompt.empty()) {
+    return absl::InvalidArgumentError("input: the prompt is empty (expected text or token ids)");
+  }
+  for (int32_t id : request.prompt) {
+    if (id < 0 || id >= vocab) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("token_ids: id ", id, " is out of range [0, ", vocab, ")"));
+    }
+  }
+  if (static_cast<int64_t>(request.prompt.size()) >= max_model_len_) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "input: the prompt has ", request.prompt.size(),
+        " tokens but the maximum context length is ", max_model_len_,
+        " (prompt + at least one generated token must fit)"));
+  }
+  QSHARD_RETURN_IF_ERROR(ValidateSamplingParams(request.params, vocab));
+
+  auto s = std::make_unique<Sequence>();
+  s->id = request.id;
+  s->params = std::move(request.params);
+  s->prompt_len = static_cast<int32_t>(request.prompt.size());
+  s->all = std::move(request.prompt);
+  s->sampler = std::make_unique<Sampler>(s->params);
+  s->detok = std::make_unique<IncrementalDetokenizer>(*tokenizer_, s->prompt());
+  waiting_.push_back(s.get());
+  seqs_[s->id] = std::move(s);
+  return absl::OkStatus();
+}
+
+bool Engine::Abort(const std::string& id) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end() || it->second->abort_reason != FinishReason::kNone) return false;
+  Sequence* s = it->second.get();
+  s->abort_reason = FinishReason::kAbort;
+  // Free its blocks now so they are available to the very next step.
+  s->blocks.Clear(*allocator_);
+  running_.erase(std::remove(running_.begin(), running_.end(), s), running_.end());
+  waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), s), waiting_.end());
+  finished_.push_back(s);
+  return true;
+}
+
+EngineStats Engine::stats() const {
+  EngineStats st;
+  st.num_running = static_cast<int32_t>(running_.size());
+  st.num_waiting = static_cast<int32_t>(waiting_.size());
+  st.kv_blocks_total = allocator_->num_blocks();
+  st.kv_blocks_used = allocator_->num_used();
+  st.num_preemptions = num_preemptions_;
+  return st;
+}
+
+void Engine::Preempt(Sequence& s) {
+  // Recompute preemption: drop the K/V, keep the tokens; it will prefill prompt + output.
+  s.blocks.Clear(*allocator_);
+  s.num_computed = 0;
+  running_.erase(std::remove(running_.begin(), running_.end(), &s), running_.end());
+  waiting_.push_front(&s);
+  ++num_preemptions_;
+  QSHARD_LOG(DEBUG) << "preempted " << s.id << " (" << s.all.size() << " tokens)";
+}
+
+void Engine::FinishSequence(Sequence& s, FinishReason reason, std::vector<RequestOutput>* out) {
+  s.blocks.Clear(*allocator_);
+  running_.erase(std::remove(running_.begin(), running_.end(), &s), running_.end());
+  waiting_.erase(std::remove(waiting_.begin(), waiting_.end(), &s), waiting_.end());
+  // Find or create this sequence's output entry of the step.
+  RequestOutput* o = nullptr;
+  for (auto& r : *out) {
+    if (r.id == s.id) o = &r;
+  }
+  if (o == nullptr) {
+    out->emplace_back();
+    o = &out->back();
+    o->id = s.id;
+  }
+  if (reason == FinishReason::kLength || reason == FinishReason::kAbort) {
+    // Nothing more can complete a held-back stop-string prefix: release it.
+    s.text += s.detok->Flush();
+    o->text += s.text.substr(s.emitted);
+    s.emitted = s.text.size();
+  }
+  o->finished = true;
+  o->finish_reason = reason;
+  o->error = s.error;
+  o->prompt_tokens = s.prompt_len;
+  o->completion_tokens = s.num_generated();
+  const std::string id = s.id;
+  seqs_.erase(id);  // destroys s
+}
+
+void Engine::Advance(Sequence& s, const SampleResult& r, std::vector<RequestOutput>* out) {
+  const int32_t tok = r.token_id;
+  s.all.push_back(tok);
+  out->emplace_back();
+  RequestOutput& o = out->back();
+  o.id = s.id;
+  o.token_ids.push_back(tok);
+  if (s.params.logprobs > 0) o.logprobs.push_back(r);
+  o.prompt_tokens = s.prompt_len;
+  o.completion_tokens = s.num_generated();
+
+  const auto& eos = config().eos_token_ids;
+  const bool is_eos = !s.params.ignore_eos && std::find(eos.begin(), eos.end(), tok) != eos.end();
+  const bool is_stop_id = std::find(s.params.stop_token_ids.begin(), s.params.stop_token_ids.end(),
+                                    tok) != s.params.stop_token_ids.end();
+  if (is_eos || is_stop_id) {
+    // The stop token's own text is not returned; text held back for stop strings is.
+    s.text += s.detok->Flush();
+    o.text += s.text.substr(s.emitted);
+    s.emitted = s.text.size();
+    FinishSequence(s, FinishReason::kStop, out);
+    return;
+  }
+
+  const size_t before = s.text.size();
+  s.text += s.detok->Step(tok);
+  // Stop strings: search only where a new match can start, then hold back any tail that
+  // could still grow into a stop string.
+  size_t cut = std::string::npos;
+  size_t hold = 0;
+  for (const std::string& stop : s.params.stop) {
+    const size_t from = before >= stop.size() ? before - stop.size() + 1 : 0;
+    const size_t at = s.text.find(stop, std::min(from, s.text.size()));
+    if (at != std::string::npos && at >= s.emitted) cut = std::min(cut, at);
+    for (size_t len = std::min(stop.size() - 1, s.text.size() - s.emitted); len > 0; --len) {
+      if (s.text.compare(s.text.size() - len, len, stop, 0, len) == 0) {
+        hold = std::max(hold, len);
+        break;
+      }
+    }
+  }
+  if (cut != std::string::npos) {
+    o.text += s.text.substr(s.emitted, cut - s.emitted);
+    s.text.resize(cut);
+    s.emitted = cut;
+    FinishSequence(s, FinishReason::kStop, out);
+    return;
+  }
+  const size_t ready = s.text.size() - hold;
+  if (ready > s.emitted) {
+    o.text += s.text.substr(s.emitted, ready - s.emitted);
+    s.emitted = ready;
+  }
+  if (s.num_generated() >= s.params.max_tokens ||
+      static_cast<int64_t>(s.all.size()) >= max_model_len_) {
+    FinishSequence(s, FinishReason::kLength, out);
+  }
+}
+
+absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
+  std::vector<RequestOutput> out;
+  // Requests aborted since the last step report now (their blocks are already free).
+  for (Sequence* s : finished_) FinishSequence(*s, s->abort_reason, &out);
+  finished_.clear();
+
+  const int64_t bs = options_.block_size;
+  const int64_t capacity_tokens = static_cast<int64_t>(allocator_->num_blocks()) * bs;
+  int64_t budget = options_.max_num_batched_tokens;
+  std::vector<Sequence*> scheduled;
+
+  // 1) Running sequences first, oldest first; preempt the newest when blocks run out.
+  for (size_t i = 0; i < running_.size() && budget > 0;) {
+    Sequence* s = running_[i];
+    const int64_t n = std::min<int64_t>(static_cast<int64_t>(s->all.size()) - s->num_computed, budget);
+    const int64_t need = s->num_computed + n;
+    bool self_preempted = false;
+    while (!s->blocks.EnsureCapacity(need, bs, *allocator_)) {
+      if (need > capacity_tokens || (running_.size() == 1 && running_[0] == s)) {
+        s->error = absl::ResourceExhaustedError(absl::StrCat(
+            "request '", s->id, "' needs ", need, " tokens of KV cache but the cache holds ",
+            capacity_tokens, " tokens (", allocator_->num_blocks(), " blocks of ", bs,
+            "); raise --kv-cache-memory-bytes or lower max_tokens"));
+        FinishSequence(*s, FinishReason::kError, &out);
+        self_preempted = true;
+        break;
+      }
+      Sequence* victim = running_.back();
+      Preempt(*victim);
+      if (victim == s) {
+        self_preempted = true;
+        break;
+      }
+    }
+    if (self_preempted) continue;  // running_[i] is now the next sequence
+    s->chunk = n;
+    budget -= n;
+    scheduled.push_back(s);
+    ++i;
+  }
+
+  // 2) Admit waiting sequences (FCFS) while slots, budget and blocks allow.
+  while (!waiting_.empty() && budget > 0 &&
+         static_cast<int32_t>(running_.size()) < options_.max_num_seqs) {
+    Sequence* s = waiting_.front();
+    const int64_t total = static_cast<int64_t>(s->all.size());
+    if (total + 1 > capacity_tokens) {
+      waiting_.pop_front();
+      s->error = absl::ResourceExhaustedError(absl::StrCat(
+          "request '", s->id, "' needs ", total + 1, " tokens of KV cache but the cache holds ",
+          capacity_tokens, " tokens; raise --kv-cache-memory-bytes or shorten the prompt"));
+      FinishSequence(*s, FinishReason::kError, &out);
+      continue;
+    }
+    const int64_t n = std::min<int64_t>(total - s->num_computed, budget);
+    if (!s->blocks.EnsureCapacity(s->num_computed + n, bs, *allocator_)) break;
+    waiting_.pop_front();
+    running_.push_back(s);
+    s->chunk = n;
+    budget -= n;
+    scheduled.push_back(s);
+  }
+  if (scheduled.empty()) return out;
+
+  // 3) One forward over all scheduled chunks.
+  std::vector<SequenceChunk> chunks;
+  chunks.reserve(scheduled.size());
+  for (Sequence* s : scheduled) {
+    SequenceChunk c;
+    c.tokens = absl::Span<const int32_t>(s->all.data() + s->num_computed, s->chunk);
+    c.start_pos = static_cast<int32_t>(s->num_computed);
+    c.block_table = s->blocks.blocks();
+    const bool completes = s->num_computed + s->chunk == static_cast<int64_t>(s->all.size());
+    c.logits = completes ? LogitsMode::kLast : LogitsMode::kNone;
+    chunks.push_back(c);
+  }
+  absl::Status st = model_->Forward(chunks, &logits_);
+  if (!st.ok()) {
+    QSHARD_LOG(ERROR) << "forward failed: " << st;
+    for (Sequence* s : scheduled) {
+      s->error = st;
+      FinishSequence(*s, FinishReason::kError, &out);
+    }
+    return out;
+  }
+
+  // 4) Sample where a chunk completed its sequence's known tokens.
+  const int32_t vocab = static_cast<int32_t>(config().vocab_size);
+  int64_t row = 0;
+  std::vector<int32_t> blocked;
+  for (Sequence* s : scheduled) {
+    s->num_computed += s->chunk;
+    if (s->num_computed != static_cast<int64_t>(s->all.size())) continue;
+    blocked.clear();
+    if (s->num_generated() < s->params.min_tokens) {
+      if (!s->params.ignore_eos) {
+        blocked.insert(blocked.end(), config().eos_token_ids.begin(), config().eos_token_ids.end());
+      }
+      blocked.insert(blocked.end(), s->params.stop_token_ids.begin(), s->params.stop_token_ids.end());
+    }
+    SampleResult r = s->sampler->Sample(logits_.data() + row * vocab, vocab, s->prompt(),
+                                        s->output(), blocked);
+    ++row;
+    Advance(*s, r, &out);
+  }
+  return out;
+}
+
+}  // namespace qshard

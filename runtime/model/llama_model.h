@@ -1,0 +1,101 @@
+// File: llama_model.h
+// The Llama-family decoder (Llama 1/2/3, Mistral): weights bound to a Backend, and one
+// batched forward step over several sequences whose K/V live in a paged cache.
+//
+//   auto backend = CreateBackend("cpu").value();
+//   auto model = LlamaModel::Load("models/kjv-llama-12m", backend.get()).value();
+//   model->AllocateKvCache(spec);
+//   SequenceChunk c{tokens, start_pos, block_table, /*logits=*/LogitsMode::kLast};
+//   std::vector<float> logits;              // [rows, vocab]
+//   model->Forward({&c, 1}, &logits);
+#ifndef QSHARD_RUNTIME_MODEL_LLAMA_MODEL_H_
+#define QSHARD_RUNTIME_MODEL_LLAMA_MODEL_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "runtime/backend/backend.h"
+#include "runtime/checkpoint/model_config.h"
+#include "runtime/checkpoint/safetensors.h"
+
+namespace qshard {
+
+enum class LogitsMode {
+  kNone,  // a prefill chunk that is not the last: no logits needed
+  kLast,  // logits of the chunk's last token (sampling)
+  kAll,   // logits of every token (perplexity)
+};
+
+// One sequence's share of a step: tokens at positions [start_pos, start_pos + size).
+struct SequenceChunk {
+  absl::Span<const int32_t> tokens;
+  int32_t start_pos = 0;
+  // Cache blocks covering positions [0, start_pos + tokens.size()).
+  absl::Span<const int32_t> block_table;
+  LogitsMode logits = LogitsMode::kLast;
+};
+
+// What was loaded, for `qshard inspect` and the service's model info.
+struct WeightSummary {
+  int64_t num_parameters = 0;            // elements of all weights
+  int64_t total_bytes = 0;               // as stored
+  std::map<std::string, int64_t> bytes_per_dtype;  // dtype name -> bytes
+  std::string linear_kernel;             // kernel of the decoder linears
+};
+
+class LlamaModel {
+ public:
+  // Reads config + checkpoint from dir, checks every tensor name and shape, and prepares
+  // the weights on the backend (zero-copy on the CPU). The backend must outlive the model.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& dir,
+                                                         Backend* backend);
+  // Same, with a config already read (e.g. adjusted by flags).
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& dir,
+                                                         const ModelConfig& config,
+                                                         Backend* backend);
+
+  const ModelConfig& config() const { return config_; }
+  const WeightSummary& weight_summary() const { return summary_; }
+  Backend& backend() { return *backend_; }
+
+  absl::Status AllocateKvCache(const KvCacheSpec& spec);
+  const KvCacheSpec& kv_cache_spec() const { return backend_->kv_cache_spec(); }
+
+  // Runs one step. Logit rows are appended in chunk order: one per kLast chunk, one per
+  // token of a kAll chunk. logits receives [rows, vocab] fp32.
+  absl::Status Forward(absl::Span<const SequenceChunk> chunks, std::vector<float>* logits);
+
+ private:
+  struct Layer {
+    Tensor input_norm;   // [H]
+    Tensor post_norm;    // [H]
+    std::unique_ptr<LinearOp> q_proj;    // [heads*D, H]
+    std::unique_ptr<LinearOp> k_proj;    // [kv_heads*D, H]
+    std::unique_ptr<LinearOp> v_proj;    // [kv_heads*D, H]
+    std::unique_ptr<LinearOp> o_proj;    // [H, heads*D]
+    std::unique_ptr<LinearOp> gate_proj; // [I, H]
+    std::unique_ptr<LinearOp> up_proj;   // [I, H]
+    std::unique_ptr<LinearOp> down_proj; // [H, I]
+  };
+
+  LlamaModel(ModelConfig config, Backend* backend) : config_(std::move(config)), backend_(backend) {}
+  absl::Status LoadWeights(const Checkpoint& ckpt);
+
+  ModelConfig config_;
+  Backend* backend_;
+  Tensor embed_tokens_;               // [vocab, H]
+  std::vector<Layer> layers_;
+  Tensor final_norm_;                 // [H]
+  std::unique_ptr<LinearOp> lm_head_; // [vocab, H] (the embedding when tied)
+  WeightSummary summary_;
+  StepMetadata meta_;                 // reused across steps
+};
+
+}  // namespace qshard
+
+#endif  // QSHARD_RUNTIME_MODEL_LLAMA_MODEL_H_
