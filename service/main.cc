@@ -27,6 +27,7 @@ const Command kCommands[] = {
     {"eval-ppl", qshard::EvalPplMain, "perplexity of a text file"},
     {"inspect", qshard::InspectMain, "describe a model directory"},
     {"bench", qshard::BenchMain, "prefill / decode throughput benchmark"},
+    {"plan", qshard::PlanMain, "memory plan: weights + KV cache + activations vs device memory"},
 };
 
 void PrintUsage(FILE* out) {

@@ -3,8 +3,8 @@
 // min-p, seeded multinomial draw, raw logprobs).
 //
 // Everything here runs once per sequence per decode step over vocabularies up to ~256k,
-// so the dense passes are written as branch-free, lane-parallel loops the compiler can
-// vectorize, and the selection steps avoid sorting the vocabulary.
+// so the dense passes (max, exp, filters) are explicit vector kernels and the selection
+// steps (top-k, top-p, top logprobs) never sort the vocabulary.
 #include "runtime/engine/sampling.h"
 
 #include <algorithm>
@@ -12,6 +12,7 @@
 #include <bit>
 #include <cmath>
 #include <cstddef>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <string>
@@ -41,108 +42,268 @@ constexpr size_t kMaxStopTokenIds = 64;
 // L1 and a float partial sum loses nothing measurable, large enough that the per-block
 // sums (kept in double) make the final draw cost O(V / kBlock + kBlock).
 constexpr int32_t kBlock = 256;
-constexpr int kLanes = 8;  // independent accumulators, so the loops vectorize
 
 // top_k up to this uses a k-element heap (one compare per token in the common case);
 // beyond it nth_element on a copy of the values is cheaper.
 constexpr int32_t kHeapTopK = 1024;
-// Candidate lists up to this are sorted outright for top_p; larger ones use buckets.
+// Candidate lists up to this are sorted outright for top_p; larger ones radix-select.
 constexpr size_t kSortTopP = 4096;
 
-// exp(x) for x <= 0 (Cephes expf polynomial, ~1 ulp), branch-free so the dense loops
-// vectorize; libm's expf is a scalar call. Returns exactly 0 below -87 (where expf goes
-// denormal; such weights are < 1e-38 of the max), for -inf and for NaN.
-inline float ExpNonPositive(float x) {
+// Vector kernels (GCC/Clang vector extensions). Under the default -ftrapping-math the
+// compiler won't vectorize scalar loops with float selects, and libm's expf is a scalar
+// call, yet these passes dominate the step. F4 is native everywhere (SSE2 on x86-64, NEON
+// on Arm); the exp / max row passes also get an F8 instance built for AVX2 and chosen at
+// run time. Neither enables FMA and both sum in the same order, so they give
+// bit-identical results and a seed replays the same tokens on any x86-64 host. Vectors go
+// by reference only: by value their ABI would depend on -mavx.
+using F4 = float __attribute__((vector_size(16)));
+using F8 = float __attribute__((vector_size(32)));
+
+#define QSHARD_ALWAYS_INLINE inline __attribute__((always_inline))
+
+template <typename V>
+constexpr int kLanesOf = static_cast<int>(sizeof(V) / sizeof(float));
+
+template <typename V>
+QSHARD_ALWAYS_INLINE void Load(const float* p, V& v) {
+  std::memcpy(&v, p, sizeof(v));
+}
+
+template <typename V>
+QSHARD_ALWAYS_INLINE void Store(float* p, const V& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// The first len (< lanes) floats of p, the other lanes set to fill.
+template <typename V>
+QSHARD_ALWAYS_INLINE void LoadPartial(const float* p, int32_t len, float fill, V& v) {
+  std::array<float, kLanesOf<V>> buf;
+  buf.fill(fill);
+  std::copy(p, p + len, buf.begin());
+  Load(buf.data(), v);
+}
+
+template <typename V>
+QSHARD_ALWAYS_INLINE double SumLanes(const V& v) {
+  double sum = 0.0;
+  for (int j = 0; j < kLanesOf<V>; ++j) sum += v[j];
+  return sum;
+}
+
+// out = exp(x) for x <= 0 (Cephes expf polynomial, ~1 ulp). Exactly 0 below -87 (where
+// expf goes denormal; such weights are < 1e-38 of the max), for -inf and for NaN.
+template <typename V>
+QSHARD_ALWAYS_INLINE void ExpNonPositive(const V& x, V& out) {
+  using M = decltype(V{} < V{});  // the matching int32 vector
   constexpr float kLo = -87.0f;
-  float xc = kLo < x ? x : kLo;  // NaN -> kLo
-  xc = xc < 0.0f ? xc : 0.0f;
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x/ln2)
-  const float r = xc - n * 0.693359375f - n * -2.12194440e-4f;  // Cody-Waite x - n ln2
-  float y = 1.9875691500e-4f;
+  const V lo = V{} + kLo;
+  const V zero = V{};
+  V xc = lo < x ? x : lo;  // NaN -> lo
+  xc = xc < zero ? xc : zero;
+  const V n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x/ln2)
+  const V r = xc - n * 0.693359375f - n * -2.12194440e-4f;              // Cody-Waite x - n ln2
+  V y = zero + 1.9875691500e-4f;
   y = y * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
-  const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  return x >= kLo ? y * scale : 0.0f;
+  const M bits = (__builtin_convertvector(n, M) + 127) << 23;  // 2^n, n in [-126, 0]
+  const V scale = __builtin_bit_cast(V, bits);                 // builtin: no by-value vector call
+  out = x >= lo ? y * scale : zero;
 }
 
-// out[i] = exp((x[i] - shift) * scale) for i < len (x == out allowed); returns the sum.
-inline double ExpBlock(const float* x, float* out, int32_t len, float shift, float scale) {
-  for (int32_t i = 0; i < len; ++i) out[i] = ExpNonPositive((x[i] - shift) * scale);
-  std::array<float, kLanes> acc{};
-  int32_t i = 0;
-  for (; i + kLanes <= len; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) acc[j] += out[i + j];
+// Scalar form with bit-identical results, for sparse candidate lists.
+float ExpNonPositive(float x) {
+  const F4 v = F4{} + x;
+  F4 e;
+  ExpNonPositive(v, e);
+  return e[0];
+}
+
+// For each kBlock block b of x[0, n): out = exp((x - shift) * scale) (out == x allowed;
+// null: don't store) and block_sums[b] = its sum (null: don't store). Returns the total.
+// Both instances accumulate the same eight float lanes (one F8 or two F4) and add them
+// up in the same order, so the sums match bit for bit. The lanes only ever hold one
+// block (kBlock terms <= 1), so they lose nothing measurable before the double sums.
+template <typename V>
+QSHARD_ALWAYS_INLINE double ExpRowImpl(const float* x, float* out, int32_t n, float shift,
+                                       float scale, double* block_sums) {
+  constexpr int kLanes = kLanesOf<V>;
+  constexpr int kGroup = 8;
+  constexpr int kVecs = kGroup / kLanes;
+  double total = 0.0;
+  V v, e;
+  std::array<float, kGroup> tail;
+  for (int32_t b = 0; b < n; b += kBlock) {
+    const int32_t end = std::min(n, b + kBlock);
+    std::array<V, kVecs> acc{};
+    int32_t i = b;
+    for (; i + kGroup <= end; i += kGroup) {
+      for (int k = 0; k < kVecs; ++k) {
+        Load(x + i + k * kLanes, v);
+        ExpNonPositive(V((v - shift) * scale), e);
+        if (out != nullptr) Store(out + i + k * kLanes, e);
+        acc[k] += e;
+      }
+    }
+    if (i < end) {
+      tail.fill(kNegInf);  // -inf padding maps to weight 0
+      std::copy(x + i, x + end, tail.begin());
+      for (int k = 0; k < kVecs; ++k) {
+        Load(tail.data() + k * kLanes, v);
+        ExpNonPositive(V((v - shift) * scale), e);
+        Store(tail.data() + k * kLanes, e);
+        acc[k] += e;
+      }
+      if (out != nullptr) std::copy(tail.begin(), tail.begin() + (end - i), out + i);
+    }
+    double sum = 0.0;
+    for (int k = 0; k < kVecs; ++k) {
+      for (int j = 0; j < kLanes; ++j) sum += acc[k][j];
+    }
+    if (block_sums != nullptr) block_sums[b / kBlock] = sum;
+    total += sum;
   }
-  for (; i < len; ++i) acc[0] += out[i];
-  double sum = 0.0;
-  for (float a : acc) sum += a;
-  return sum;
+  return total;
 }
 
 // Largest value, ignoring NaN; -inf when there is none.
-float MaxOf(const float* x, int32_t n) {
-  std::array<float, kLanes> m;
-  m.fill(kNegInf);
+template <typename V>
+QSHARD_ALWAYS_INLINE float MaxOfImpl(const float* x, int32_t n) {
+  constexpr int kLanes = kLanesOf<V>;
+  V m = V{} + kNegInf;
+  V v;
   int32_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
+    Load(x + i, v);
+    m = v > m ? v : m;
   }
-  for (; i < n; ++i) m[0] = x[i] > m[0] ? x[i] : m[0];
+  if (i < n) {
+    LoadPartial(x + i, n - i, kNegInf, v);
+    m = v > m ? v : m;
+  }
   float best = kNegInf;
-  for (float v : m) best = v > best ? v : best;
+  for (int j = 0; j < kLanes; ++j) best = m[j] > best ? m[j] : best;
   return best;
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx2"))) double ExpRowAvx2(const float* x, float* out, int32_t n,
+                                                  float shift, float scale, double* block_sums) {
+  return ExpRowImpl<F8>(x, out, n, shift, scale, block_sums);
+}
+__attribute__((target("avx2"))) float MaxOfAvx2(const float* x, int32_t n) {
+  return MaxOfImpl<F8>(x, n);
+}
+bool HasAvx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+double ExpRow(const float* x, float* out, int32_t n, float shift, float scale, double* block_sums) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (HasAvx2()) return ExpRowAvx2(x, out, n, shift, scale, block_sums);
+#endif
+  return ExpRowImpl<F4>(x, out, n, shift, scale, block_sums);
+}
+
+float MaxOf(const float* x, int32_t n) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (HasAvx2()) return MaxOfAvx2(x, n);
+#endif
+  return MaxOfImpl<F4>(x, n);
+}
+
+QSHARD_ALWAYS_INLINE bool AnyLane(const F4& a, const F4& b) {
+  const auto words = __builtin_bit_cast(std::array<uint64_t, 2>, a > b);
+  return (words[0] | words[1]) != 0;
+}
+
+// Calls fn(id, value) for each id, ascending, whose value exceeds the threshold; fn
+// returns the new threshold, and +inf ends the scan. One vector compare rejects four
+// ids, so scans where few pass (top-k, argmax) cost about one read of the row. NaN
+// never passes.
+template <typename Fn>
+void ScanAbove(const float* x, int32_t n, float threshold, Fn&& fn) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  constexpr int kLanes = kLanesOf<F4>;
+  int32_t i = 0;
+  F4 v;
+  for (; i + kLanes <= n; i += kLanes) {
+    Load(x + i, v);
+    if (!AnyLane(v, F4{} + threshold)) continue;
+    for (int32_t j = i; j < i + kLanes; ++j) {
+      if (x[j] > threshold) {
+        threshold = fn(j, x[j]);
+        if (threshold == kInf) return;
+      }
+    }
+  }
+  for (; i < n; ++i) {
+    if (x[i] > threshold) {
+      threshold = fn(i, x[i]);
+      if (threshold == kInf) return;
+    }
+  }
+}
+
+// The largest float below v, so that "> Below(v)" means ">= v".
+float Below(float v) { return std::nextafter(v, kNegInf); }
+
 // Index of the largest value, lowest id on ties, skipping NaN. When nothing beats -inf
-// (everything blocked) returns the first non-NaN id, or 0.
+// (everything blocked) returns the first -inf id, or 0 when all are NaN.
 int32_t ArgMax(const float* x, int32_t n) {
   const float m = MaxOf(x, n);
-  for (int32_t i = 0; i < n; ++i) {
-    if (x[i] == m) return i;
+  int32_t found = 0;
+  if (m > kNegInf) {
+    ScanAbove(x, n, Below(m), [&](int32_t id, float) {
+      found = id;
+      return std::numeric_limits<float>::infinity();
+    });
+    return found;
   }
-  return 0;  // only NaN left
+  for (int32_t i = 0; i < n; ++i) {
+    if (x[i] == kNegInf) return i;
+  }
+  return 0;
 }
 
 // log(sum(exp(x))) in double over the raw row; -inf and NaN entries contribute nothing.
 double LogSumExp(const float* x, int32_t n) {
   const float m = MaxOf(x, n);
   if (std::isinf(m)) return m;  // empty (-inf) or +inf dominating everything
-  std::array<float, kBlock> buf;
-  double sum = 0.0;
-  for (int32_t b = 0; b < n; b += kBlock) {
-    sum += ExpBlock(x + b, buf.data(), std::min(kBlock, n - b), m, 1.0f);
-  }
+  const double sum = ExpRow(x, nullptr, n, m, 1.0f, nullptr);
   return static_cast<double>(m) + std::log(sum);
 }
 
-// The k-th largest non-NaN value above -inf, or -inf when fewer than k exist.
+// The k-th largest value above -inf (NaN ignored), or -inf when fewer than k exist.
 float KthLargest(const float* x, int32_t n, int32_t k, std::vector<float>& scratch) {
   scratch.clear();
+  const size_t want = static_cast<size_t>(k);
   if (k <= kHeapTopK) {
-    // Min-heap of the k best so far: after the first few thousand tokens almost every
-    // token fails the single compare against the heap top.
-    for (int32_t i = 0; i < n; ++i) {
-      const float v = x[i];
-      if (!(v > kNegInf)) continue;
-      if (scratch.size() < static_cast<size_t>(k)) {
+    // Min-heap of the k best so far; once it's full almost every id fails the compare
+    // against its top inside ScanAbove's vector test.
+    ScanAbove(x, n, kNegInf, [&](int32_t, float v) {
+      if (scratch.size() < want) {
         scratch.push_back(v);
         std::push_heap(scratch.begin(), scratch.end(), std::greater<float>());
-      } else if (v > scratch.front()) {
+      } else {
         std::pop_heap(scratch.begin(), scratch.end(), std::greater<float>());
         scratch.back() = v;
         std::push_heap(scratch.begin(), scratch.end(), std::greater<float>());
       }
-    }
-    return scratch.size() < static_cast<size_t>(k) ? kNegInf : scratch.front();
+      return scratch.size() < want ? kNegInf : scratch.front();
+    });
+    return scratch.size() < want ? kNegInf : scratch.front();
   }
-  for (int32_t i = 0; i < n; ++i) {
-    if (x[i] > kNegInf) scratch.push_back(x[i]);
-  }
-  if (scratch.size() < static_cast<size_t>(k)) return kNegInf;
+  ScanAbove(x, n, kNegInf, [&](int32_t, float v) {
+    scratch.push_back(v);
+    return kNegInf;
+  });
+  if (scratch.size() < want) return kNegInf;
   std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(),
                    std::greater<float>());
   return scratch[k - 1];
@@ -150,9 +311,7 @@ float KthLargest(const float* x, int32_t n, int32_t k, std::vector<float>& scrat
 
 // Uniform double in [0, 1) from the top 53 bits, so a seed gives the same draws with
 // every standard library (std::uniform_real_distribution is implementation-defined).
-double UniformUnit(std::mt19937_64& rng) {
-  return static_cast<double>(rng() >> 11) * 0x1.0p-53;
-}
+double UniformUnit(std::mt19937_64& rng) { return static_cast<double>(rng() >> 11) * 0x1.0p-53; }
 
 absl::Status RangeError(const char* field, const char* range, double got) {
   return absl::InvalidArgumentError(
@@ -186,8 +345,7 @@ absl::Status ValidateSamplingParams(const SamplingParams& p, int32_t vocab_size)
     return RangeError("frequency_penalty", "[-2, 2]", p.frequency_penalty);
   }
   if (p.max_tokens < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max_tokens must be >= 1, got ", p.max_tokens));
+    return absl::InvalidArgumentError(absl::StrCat("max_tokens must be >= 1, got ", p.max_tokens));
   }
   if (p.min_tokens < 0 || p.min_tokens > p.max_tokens) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -204,19 +362,19 @@ absl::Status ValidateSamplingParams(const SamplingParams& p, int32_t vocab_size)
   for (size_t i = 0; i < p.stop.size(); ++i) {
     const size_t len = p.stop[i].size();
     if (len == 0 || len > kMaxStopStringBytes) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "stop[", i, "] must be 1 to 256 bytes long, got ", len, " bytes"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("stop[", i, "] must be 1 to 256 bytes long, got ", len, " bytes"));
     }
   }
   if (p.stop_token_ids.size() > kMaxStopTokenIds) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "stop_token_ids must have at most 64 ids, got ", p.stop_token_ids.size()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("stop_token_ids must have at most 64 ids, got ", p.stop_token_ids.size()));
   }
   for (size_t i = 0; i < p.stop_token_ids.size(); ++i) {
     const int32_t id = p.stop_token_ids[i];
     if (id < 0 || id >= vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "stop_token_ids[", i, "] must be in [0, ", vocab_size, "), got ", id));
+      return absl::InvalidArgumentError(
+          absl::StrCat("stop_token_ids[", i, "] must be in [0, ", vocab_size, "), got ", id));
     }
   }
   return absl::OkStatus();
@@ -234,10 +392,8 @@ Sampler::Sampler(const SamplingParams& params) : params_(params) {
   }
 }
 
-SampleResult Sampler::Sample(const float* logits, int32_t vocab,
-                             absl::Span<const int32_t> prompt,
-                             absl::Span<const int32_t> output,
-                             absl::Span<const int32_t> blocked) {
+SampleResult Sampler::Sample(const float* logits, int32_t vocab, absl::Span<const int32_t> prompt,
+                             absl::Span<const int32_t> output, absl::Span<const int32_t> blocked) {
   SampleResult result;
   if (logits == nullptr || vocab <= 0) return result;
 
@@ -261,8 +417,7 @@ SampleResult Sampler::Sample(const float* logits, int32_t vocab,
 }
 
 void Sampler::ApplyPenalties(int32_t vocab, absl::Span<const int32_t> prompt,
-                             absl::Span<const int32_t> output,
-                             absl::Span<const int32_t> blocked) {
+                             absl::Span<const int32_t> output, absl::Span<const int32_t> blocked) {
   for (int32_t id : blocked) {
     if (id >= 0 && id < vocab) work_[id] = kNegInf;
   }
@@ -324,9 +479,12 @@ int32_t Sampler::SampleFromWork(int32_t vocab) {
   if (k > 0 && k < vocab) {
     const float kth = KthLargest(w, vocab, k, values_);
     index_.clear();
-    for (int32_t i = 0; i < vocab; ++i) {
-      if (w[i] >= kth && w[i] > kNegInf) index_.push_back(i);
-    }
+    // With fewer than k live ids kth is -inf, and Below(-inf) keeps them all.
+    const float at_least_kth = Below(kth);
+    ScanAbove(w, vocab, at_least_kth, [&](int32_t id, float) {
+      index_.push_back(id);
+      return at_least_kth;
+    });
     dense = false;
   }
 
@@ -335,13 +493,8 @@ int32_t Sampler::SampleFromWork(int32_t vocab) {
   const float inv_t = 1.0f / params_.temperature;
   double total = 0.0;
   if (dense) {
-    const int32_t blocks = (vocab + kBlock - 1) / kBlock;
-    block_sums_.resize(blocks);
-    for (int32_t b = 0; b < blocks; ++b) {
-      const int32_t off = b * kBlock;
-      block_sums_[b] = ExpBlock(w + off, w + off, std::min(kBlock, vocab - off), max_v, inv_t);
-      total += block_sums_[b];
-    }
+    block_sums_.resize((vocab + kBlock - 1) / kBlock);
+    total = ExpRow(w, w, vocab, max_v, inv_t, block_sums_.data());
   } else {
     for (int32_t id : index_) {
       w[id] = ExpNonPositive((w[id] - max_v) * inv_t);
@@ -353,73 +506,80 @@ int32_t Sampler::SampleFromWork(int32_t vocab) {
   // top_p (ties broken towards the lower id). Ends sparse.
   if (params_.top_p < 1.0f) {
     const double target = static_cast<double>(params_.top_p) * total;
+    if (dense) {
+      // Sorting the vocabulary would dominate the step, and most of it can be ruled
+      // out in one vector pass: the ids ranked at or below a token all weigh <= w, so
+      // at least total - vocab * w ranks above it; once that reaches target the token
+      // is out. The margin keeps float rounding on the safe (inclusive) side.
+      const double floor_w = (total - target) / vocab * (1.0 - 1e-6);
+      index_.clear();
+      ScanAbove(w, vocab, static_cast<float>(floor_w), [&](int32_t id, float) {
+        index_.push_back(id);
+        return static_cast<float>(floor_w);
+      });
+      dense = false;
+    }
     const auto by_weight = [w](int32_t a, int32_t b) {
       return w[a] > w[b] || (w[a] == w[b] && a < b);
     };
-    if (!dense && index_.size() <= kSortTopP) {
+    // ids[0, sorted) are known to be kept (cum is their mass) and the rest is sorted
+    // by weight: keeps the shortest prefix whose mass reaches target.
+    const auto cut_sorted = [&](std::vector<int32_t>& ids, size_t sorted, double cum) {
+      size_t keep = ids.size();  // rounding left the total just short: keep all
+      for (size_t i = sorted; i < ids.size(); ++i) {
+        cum += w[ids[i]];
+        if (cum >= target) {
+          keep = i + 1;
+          break;
+        }
+      }
+      ids.resize(keep);
+    };
+    if (index_.size() <= kSortTopP) {
       std::sort(index_.begin(), index_.end(), by_weight);
-      double cum = 0.0;
-      size_t keep = index_.size();
-      for (size_t i = 0; i < index_.size(); ++i) {
-        cum += w[index_[i]];
-        if (cum >= target) {
-          keep = i + 1;
-          break;
-        }
-      }
-      index_.resize(keep);
+      cut_sorted(index_, 0, 0.0);
     } else {
-      // Sorting up to 256k candidates would dominate the step. Weights are positive
-      // floats, whose bit patterns order like their values, so bucket by the top bits
-      // (exponent + 3 mantissa bits): find the bucket where the mass crosses target,
-      // keep every bucket above it and sort only that one.
-      constexpr int kShift = 20;
-      constexpr size_t kBuckets = (std::bit_cast<uint32_t>(1.0f) >> kShift) + 1;
-      std::array<double, kBuckets> mass{};
-      const auto bucket = [](float v) { return std::bit_cast<uint32_t>(v) >> kShift; };
-      const auto for_each = [&](auto&& fn) {
-        if (dense) {
-          for (int32_t i = 0; i < vocab; ++i) {
-            if (w[i] > 0.0f) fn(i);
-          }
-        } else {
-          for (int32_t id : index_) {
-            if (w[id] > 0.0f) fn(id);
-          }
-        }
-      };
-      for_each([&](int32_t id) { mass[bucket(w[id])] += w[id]; });
+      // Still too many to sort (a flat distribution). Positive floats order like their
+      // bit patterns, so radix-select: bucket the ids by 10-12 bits at a time, find
+      // the bucket where the mass crosses target, move the buckets above it to
+      // scratch_ (all kept) and narrow index_ to that bucket, until it is small enough
+      // to sort.
+      constexpr std::array<int, 3> kShifts = {20, 10, 0};
+      constexpr size_t kBuckets = 1024;  // (bits of 1.0f) >> 20 is 0x3f8
+      std::array<double, kBuckets> mass;
       double cum = 0.0;
-      uint32_t cut = 0;
-      for (size_t bk = kBuckets; bk-- > 0;) {
-        if (cum + mass[bk] >= target) {
-          cut = static_cast<uint32_t>(bk);
-          break;
-        }
-        cum += mass[bk];
-      }
-      // scratch_ gets the ids above the cut bucket, values_-free boundary ids go to
-      // the end of the same list and are sorted there.
       scratch_.clear();
-      for_each([&](int32_t id) {
-        if (bucket(w[id]) > cut) scratch_.push_back(id);
-      });
-      const size_t above = scratch_.size();
-      for_each([&](int32_t id) {
-        if (bucket(w[id]) == cut) scratch_.push_back(id);
-      });
-      std::sort(scratch_.begin() + above, scratch_.end(), by_weight);
-      size_t keep = scratch_.size();  // rounding left the total just short: keep all
-      for (size_t i = above; i < scratch_.size(); ++i) {
-        cum += w[scratch_[i]];
-        if (cum >= target) {
-          keep = i + 1;
-          break;
+      for (int shift : kShifts) {
+        if (index_.size() <= kSortTopP) break;
+        const auto bucket = [shift](float v) {
+          return (std::bit_cast<uint32_t>(v) >> shift) & (kBuckets - 1);
+        };
+        mass.fill(0.0);
+        for (int32_t id : index_) mass[bucket(w[id])] += w[id];
+        uint32_t cut = 0;
+        for (size_t bk = kBuckets; bk-- > 0;) {
+          if (cum + mass[bk] >= target) {
+            cut = static_cast<uint32_t>(bk);
+            break;
+          }
+          cum += mass[bk];
         }
+        size_t narrowed = 0;
+        for (int32_t id : index_) {
+          const uint32_t bk = bucket(w[id]);
+          if (bk > cut) {
+            scratch_.push_back(id);
+          } else if (bk == cut) {
+            index_[narrowed++] = id;
+          }
+        }
+        index_.resize(narrowed);
       }
-      scratch_.resize(keep);
+      std::sort(index_.begin(), index_.end(), by_weight);
+      const size_t above = scratch_.size();
+      scratch_.insert(scratch_.end(), index_.begin(), index_.end());
+      cut_sorted(scratch_, above, cum);
       index_.swap(scratch_);
-      dense = false;
     }
     total = 0.0;
     for (int32_t id : index_) total += w[id];
@@ -435,8 +595,18 @@ int32_t Sampler::SampleFromWork(int32_t vocab) {
       for (int32_t b = 0; b < blocks; ++b) {
         const int32_t off = b * kBlock;
         const int32_t len = std::min(kBlock, vocab - off);
-        double sum = 0.0;
-        for (int32_t i = off; i < off + len; ++i) {
+        constexpr int kLanes = kLanesOf<F4>;
+        F4 acc = F4{};
+        F4 v;
+        int32_t i = off;
+        for (; i + kLanes <= off + len; i += kLanes) {
+          Load(w + i, v);
+          v = v >= min_w ? v : F4{};
+          Store(w + i, v);
+          acc += v;
+        }
+        double sum = SumLanes(acc);
+        for (; i < off + len; ++i) {
           w[i] = w[i] >= min_w ? w[i] : 0.0f;
           sum += w[i];
         }
@@ -444,8 +614,8 @@ int32_t Sampler::SampleFromWork(int32_t vocab) {
         total += sum;
       }
     } else {
-      auto keep_end = std::remove_if(index_.begin(), index_.end(),
-                                     [&](int32_t id) { return w[id] < min_w; });
+      auto keep_end =
+          std::remove_if(index_.begin(), index_.end(), [&](int32_t id) { return w[id] < min_w; });
       index_.erase(keep_end, index_.end());
       for (int32_t id : index_) total += w[id];
     }
@@ -480,29 +650,33 @@ int32_t Sampler::SampleFromWork(int32_t vocab) {
 
 void Sampler::FillTopLogprobs(const float* logits, int32_t vocab, double log_sum_exp,
                               SampleResult* result) {
-  const size_t n = std::min<size_t>(static_cast<size_t>(params_.logprobs),
-                                    static_cast<size_t>(vocab));
-  // Min-heap (worst on top) of the n best (value, id) in one pass; ids arrive in
-  // ascending order, so a later id only enters on a strictly larger value and ties
-  // resolve to the lower id. NaN ranks as -inf.
+  const size_t n =
+      std::min<size_t>(static_cast<size_t>(params_.logprobs), static_cast<size_t>(vocab));
+  // Min-heap (worst on top) of the n best (value, id). Ids arrive ascending and only a
+  // strictly larger value displaces the top, so ties resolve to the lower id.
   using Entry = std::pair<float, int32_t>;
   const auto better = [](const Entry& a, const Entry& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   };
   std::vector<Entry> heap;
   heap.reserve(n);
-  for (int32_t i = 0; i < vocab; ++i) {
-    const float v = std::isnan(logits[i]) ? kNegInf : logits[i];
+  ScanAbove(logits, vocab, kNegInf, [&](int32_t id, float v) {
     if (heap.size() < n) {
-      heap.emplace_back(v, i);
+      heap.emplace_back(v, id);
       std::push_heap(heap.begin(), heap.end(), better);
-    } else if (v > heap.front().first) {
+    } else {
       std::pop_heap(heap.begin(), heap.end(), better);
-      heap.back() = {v, i};
+      heap.back() = {v, id};
       std::push_heap(heap.begin(), heap.end(), better);
     }
-  }
+    return heap.size() < n ? kNegInf : heap.front().first;
+  });
   std::sort(heap.begin(), heap.end(), better);
+  // Fewer than n finite logits: pad with the -inf / NaN ids, lowest first, so the list
+  // always has the requested size.
+  for (int32_t i = 0; i < vocab && heap.size() < n; ++i) {
+    if (!(logits[i] > kNegInf)) heap.emplace_back(kNegInf, i);
+  }
   result->top.clear();
   result->top.reserve(n);
   for (const Entry& e : heap) {

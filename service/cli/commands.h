@@ -39,6 +39,7 @@ int GenerateMain(int argc, char** argv);
 int EvalPplMain(int argc, char** argv);
 int InspectMain(int argc, char** argv);
 int BenchMain(int argc, char** argv);
+int PlanMain(int argc, char** argv);
 
 }  // namespace qshard
 

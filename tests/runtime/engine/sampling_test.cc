@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <map>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -138,6 +139,21 @@ TEST(SamplerTest, TemperatureOneMatchesSoftmax) {
   for (size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(got[i], want[i], kTol) << "id " << i;
 }
 
+TEST(SamplerTest, LargeVocabDrawMatchesGroupMasses) {
+  // 1000 tokens in four groups holding 10/20/30/40% of the mass: the draw walks many
+  // blocks of weights, and each group's share must come out right.
+  constexpr int kVocab = 1000;
+  const std::array<double, 4> mass = {0.1, 0.2, 0.3, 0.4};
+  std::vector<float> logits(kVocab);
+  for (int i = 0; i < kVocab; ++i) {
+    logits[i] = static_cast<float>(std::log(mass[i * 4 / kVocab] / (kVocab / 4)));
+  }
+  const std::vector<double> got = Frequencies(Seeded(60), logits, kDraws);
+  std::array<double, 4> group{};
+  for (int i = 0; i < kVocab; ++i) group[i * 4 / kVocab] += got[i];
+  for (int g = 0; g < 4; ++g) EXPECT_NEAR(group[g], mass[g], kTol) << "group " << g;
+}
+
 TEST(SamplerTest, TemperatureHalfSharpens) {
   const std::vector<float> logits = {1.0f, 0.0f, -0.5f, 0.7f};
   SamplingParams p = Seeded(43);
@@ -226,6 +242,66 @@ TEST(SamplerTest, TopPOnLargeVocabUsesPrefixCorrectly) {
   EXPECT_GT(tail_hits, 0);
 }
 
+TEST(SamplerTest, TopPFlatDistributionMatchesFullSort) {
+  // A nucleus of thousands of near-equal tokens: too many to sort outright, so this
+  // goes through the radix-select path; the kept set must match a full sort in double.
+  constexpr int kVocab = 50000;
+  std::vector<float> logits(kVocab);
+  for (int i = 0; i < kVocab; ++i) {
+    logits[i] = -1e-4f * static_cast<float>((static_cast<int64_t>(i) * 7919) % kVocab);
+  }
+  const std::vector<double> probs = Softmax(logits);
+  std::vector<int32_t> order(kVocab);
+  for (int i = 0; i < kVocab; ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    return probs[a] > probs[b] || (probs[a] == probs[b] && a < b);
+  });
+  const float top_p = 0.5f;
+  double cum = 0.0;
+  size_t keep = 0;
+  while (cum < top_p) cum += probs[order[keep++]];
+  ASSERT_GT(keep, 4096u);
+  // Not a knife-edge case: float rounding can't move the cut.
+  ASSERT_GT(cum - top_p, 1e-6);
+  ASSERT_GT(top_p - (cum - probs[order[keep - 1]]), 1e-6);
+  std::vector<bool> allowed(kVocab, false);
+  for (size_t i = 0; i < keep; ++i) allowed[order[i]] = true;
+
+  SamplingParams p = Seeded(53);
+  p.top_p = top_p;
+  Sampler s(p);
+  int bottom_hits = 0;
+  for (int i = 0; i < 6000; ++i) {
+    const int32_t id = SampleOnce(s, logits).token_id;
+    ASSERT_TRUE(allowed[id]) << "id " << id << " outside the nucleus";
+    // The 100 least likely kept tokens hold ~1.4% of the nucleus mass.
+    if ((static_cast<int64_t>(id) * 7919) % kVocab >= static_cast<int64_t>(keep) - 100) {
+      ++bottom_hits;
+    }
+  }
+  EXPECT_GT(bottom_hits, 30);  // ~85 expected
+}
+
+TEST(SamplerTest, TopKKeepsTiesAtKthValue) {
+  // Like HF / vLLM (mask logits < k-th value), tokens tied with the k-th survive.
+  const std::vector<float> logits = LogitsFromProbs({0.4, 0.3, 0.15, 0.15});
+  SamplingParams p = Seeded(54);
+  p.top_k = 3;
+  const std::vector<double> got = Frequencies(p, logits, kDraws);
+  EXPECT_NEAR(got[2], 0.15, kTol);
+  EXPECT_NEAR(got[3], 0.15, kTol);
+}
+
+TEST(SamplerTest, TopKThenMinP) {
+  const std::vector<float> logits = LogitsFromProbs({0.4, 0.3, 0.15, 0.1, 0.05});
+  SamplingParams p = Seeded(55);
+  p.top_k = 4;     // drops id 4
+  p.min_p = 0.5f;  // threshold 0.2: drops ids 2 and 3
+  const std::vector<double> got = Frequencies(p, logits, kDraws);
+  EXPECT_EQ(got[2] + got[3] + got[4], 0.0);
+  EXPECT_NEAR(got[0], 0.4 / 0.7, kTol);
+}
+
 TEST(SamplerTest, MinPDropsTokensBelowFractionOfMax) {
   const std::vector<float> logits = LogitsFromProbs({0.5, 0.3, 0.2});
   SamplingParams p = Seeded(49);
@@ -234,6 +310,25 @@ TEST(SamplerTest, MinPDropsTokensBelowFractionOfMax) {
   EXPECT_EQ(got[2], 0.0);
   EXPECT_NEAR(got[0], 0.5 / 0.8, kTol);
   EXPECT_NEAR(got[1], 0.3 / 0.8, kTol);
+}
+
+TEST(SamplerTest, MinPOnLargeVocab) {
+  // 10 tokens at weight 1 among 990 at weight 0.05: together the small ones hold most
+  // of the mass, but min_p 0.1 removes every one of them.
+  constexpr int kVocab = 1000;
+  std::vector<float> logits(kVocab, std::log(0.05f));
+  std::vector<bool> big(kVocab, false);
+  for (int i = 0; i < 10; ++i) {
+    logits[(i * 97) % kVocab] = 0.0f;
+    big[(i * 97) % kVocab] = true;
+  }
+  SamplingParams p = Seeded(61);
+  p.min_p = 0.1f;
+  Sampler s(p);
+  for (int i = 0; i < 2000; ++i) {
+    const int32_t id = SampleOnce(s, logits).token_id;
+    ASSERT_TRUE(big[id]) << id;
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -342,6 +437,33 @@ TEST(SamplerTest, ChosenLogprobIsRawLogSoftmax) {
   }
 }
 
+TEST(SamplerTest, LogprobsAccurateOverWideRange) {
+  // Many tokens over a wide logit range, checked against double log-sum-exp: covers the
+  // vectorized exp, its underflow cut-off and the blocked summation.
+  constexpr int kVocab = 10007;  // not a multiple of the vector width or block size
+  std::vector<float> logits(kVocab);
+  std::mt19937 gen(3);
+  std::uniform_real_distribution<float> dist(-40.0f, 30.0f);
+  for (float& v : logits) v = dist(gen);
+  logits[17] = -INFINITY;
+  double max_v = -INFINITY;
+  for (float v : logits) max_v = std::max(max_v, static_cast<double>(v));
+  double sum = 0.0;
+  for (float v : logits) sum += std::exp(v - max_v);
+  const double lse = max_v + std::log(sum);
+
+  SamplingParams p = Seeded(56);
+  p.logprobs = 20;
+  Sampler s(p);
+  for (int i = 0; i < 20; ++i) {
+    const SampleResult r = SampleOnce(s, logits);
+    ASSERT_GE(r.token_id, 0);
+    EXPECT_NEAR(r.logprob, logits[r.token_id] - lse, 1e-5);
+    ASSERT_EQ(r.top.size(), 20u);
+    for (const TokenLogprob& t : r.top) EXPECT_NEAR(t.logprob, logits[t.token_id] - lse, 1e-5);
+  }
+}
+
 TEST(SamplerTest, TopLogprobsSortedAndSized) {
   const std::vector<float> logits = {1.5f, -0.25f, 3.0f, 0.75f, 2.0f, -4.0f, 2.0f};
   double max_v = 3.0, sum = 0.0;
@@ -372,10 +494,12 @@ TEST(SamplerTest, TopLogprobsSortedAndSized) {
 }
 
 TEST(SamplerTest, LargeVocabTopKAndLogprobs) {
-  // 256k vocab: exercises the nth_element / partial_sort paths at production size.
+  // 256k vocab: the top-k heap, top-p and top-logprob selection at production size.
   constexpr int kVocab = 256000;
   std::vector<float> logits(kVocab);
-  for (int i = 0; i < kVocab; ++i) logits[i] = -0.001f * static_cast<float>((static_cast<int64_t>(i) * 7919) % kVocab);
+  for (int i = 0; i < kVocab; ++i) {
+    logits[i] = -0.001f * static_cast<float>((static_cast<int64_t>(i) * 7919) % kVocab);
+  }
   SamplingParams p = Seeded(52);
   p.top_k = 5;
   p.top_p = 0.9f;

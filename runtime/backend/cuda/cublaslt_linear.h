@@ -1,0 +1,78 @@
+// File: cublaslt_linear.h
+// Dense BF16 linear layer through cuBLASLt: y[m, n] = x[m, k] . w[n, k]^T, with w in the
+// Hugging Face layout (row-major [out_features, in_features]), x bf16 row-major, y bf16
+// or fp32 row-major, fp32 accumulation (CUBLAS_COMPUTE_32F).
+//
+// cuBLASLt is column-major. A row-major [r, c] matrix is the same memory as a column-major
+// [c, r] one, so the row-major product y = x . w^T is computed as the column-major
+//   y^T[n, m] = w[n, k] . x^T[k, m]
+// where w's memory is column-major [k, n] (so A = w with TRANSA = T) and x's memory is
+// column-major [k, m] (B = x, TRANSB = N); D = y^T, column-major [n, m], leading dim n.
+//
+// The algorithm is picked by cublasLtMatmulAlgoGetHeuristic once per problem (shape,
+// output dtype, pointer alignments) and cached with its descriptors, so a decode step
+// pays only for cublasLtMatmul itself.
+//
+//   QSHARD_ASSIGN_OR_RETURN(auto blas, cuda::CublasLtLinear::Create());
+//   QSHARD_RETURN_IF_ERROR(blas->Linear(x, w, y, DType::kF32, m, n, k, stream));
+#ifndef QSHARD_RUNTIME_BACKEND_CUDA_CUBLASLT_LINEAR_H_
+#define QSHARD_RUNTIME_BACKEND_CUDA_CUBLASLT_LINEAR_H_
+
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "runtime/backend/cuda/cuda_context.h"
+#include "runtime/base/dtype.h"
+
+namespace qshard::cuda {
+
+class CublasLtLinear {
+ public:
+  // 32 MiB: what NVIDIA recommends for Hopper, enough for every split-K / stream-K
+  // algorithm the heuristic may pick.
+  static constexpr size_t kDefaultWorkspaceBytes = size_t{32} << 20;
+
+  // Creates the handle and the workspace on the current device.
+  static absl::StatusOr<std::unique_ptr<CublasLtLinear>> Create(
+      size_t workspace_bytes = kDefaultWorkspaceBytes);
+  ~CublasLtLinear();
+  CublasLtLinear(const CublasLtLinear&) = delete;
+  CublasLtLinear& operator=(const CublasLtLinear&) = delete;
+
+  // y[m, n] = x[m, k] . w[n, k]^T, enqueued on `stream`.
+  //   x: bf16 [m, k]; w: bf16 [n, k]; y: [m, n] in y_dtype (kF32 or kBF16); all device,
+  //   row-major and dense. y must not overlap x or w.
+  // The workspace is shared by all calls, so calls on different streams must not run
+  // concurrently: use one CublasLtLinear per stream.
+  absl::Status Linear(const void* x, const void* w, void* y, DType y_dtype, int64_t m, int64_t n,
+                      int64_t k, cudaStream_t stream);
+
+  // Number of problems whose algorithm has been chosen so far (for tests and stats).
+  size_t cached_plans() const;
+
+ private:
+  // (m, n, k, y dtype, alignment of x, w, y in bytes): the heuristic's answer depends on all.
+  using PlanKey = std::tuple<int64_t, int64_t, int64_t, DType, uint32_t, uint32_t, uint32_t>;
+  struct Plan;
+
+  CublasLtLinear(cublasLtHandle_t handle, DeviceBuffer workspace);
+  absl::StatusOr<const Plan*> GetPlan(const PlanKey& key);
+
+  cublasLtHandle_t handle_ = nullptr;
+  DeviceBuffer workspace_;
+  mutable std::mutex mu_;
+  std::map<PlanKey, std::unique_ptr<Plan>> plans_;  // guarded by mu_
+};
+
+}  // namespace qshard::cuda
+
+#endif  // QSHARD_RUNTIME_BACKEND_CUDA_CUBLASLT_LINEAR_H_

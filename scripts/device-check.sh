@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# Builds the CUDA backend's tests on a machine with a GPU and runs them, then prints a
+# short table (test | result) and the device. Needs only a C++ compiler, CMake, nvcc and
+# the engine core's libraries (abseil, GoogleTest, nlohmann-json, SentencePiece, and a
+# pkg-config). A machine without those (the device machine has no package manager and no
+# network) uses the tree that scripts/prepare-device-deps.sh writes into .device-deps/,
+# carried along with the working tree.
+#
+#   scripts/device-check.sh [LOG_DIR]     # LOG_DIR: $OUT if set, else ./device-logs
+#
+# Environment:
+#   QSHARD_CUDA_ARCHS       CMAKE_CUDA_ARCHITECTURES (default 90a: H100/H200 only, which
+#                           keeps the build short)
+#   QSHARD_DEVICE_TESTS     test targets to build and run (default qshard_backend_cuda_tests)
+#   QSHARD_DEVICE_BUILD_DIR build folder (default build-device)
+#   QSHARD_DEVICE_ALLOW_SKIP=1  do not fail when tests skip (a dry run without a GPU)
+#
+# Writes to LOG_DIR (at most 2 + 2 per test target files, flat, so they all come back
+# from the device tool): build.log, nvidia-smi.txt, <target>.log, <target>.xml,
+# summary.txt. Exit status: 0 only when everything built, every test passed and none
+# skipped.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$PWD"
+LOG_DIR="${1:-${OUT:-$ROOT/device-logs}}"
+mkdir -p "$LOG_DIR"
+LOG_DIR="$(cd "$LOG_DIR" && pwd)"
+BUILD_DIR="${QSHARD_DEVICE_BUILD_DIR:-build-device}"
+ARCHS="${QSHARD_CUDA_ARCHS:-90a}"
+read -r -a TESTS <<<"${QSHARD_DEVICE_TESTS:-qshard_backend_cuda_tests}"
+JOBS="$(nproc 2>/dev/null || echo 4)"
+BUILD_LOG="$LOG_DIR/build.log"
+SUMMARY="$LOG_DIR/summary.txt"
+: >"$BUILD_LOG"
+
+section() { printf '\n==== %s ====\n' "$*"; }
+# An executable on PATH (command -v alone also reports a non-executable match).
+have() {
+  local p
+  p="$(command -v "$1" 2>/dev/null)" && [[ -x "$p" ]]
+}
+now() { date +%s; }
+
+# ---------------------------------------------------------------------------
+section "machine"
+echo "date:    $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+echo "host:    $(uname -srm), $JOBS cores"
+if command -v git >/dev/null && git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1; then
+  echo "commit:  $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')" \
+    "($(git -C "$ROOT" status --porcelain 2>/dev/null | wc -l) changed paths)"
+fi
+DEVICE_NAME="(no nvidia-smi)"
+if have nvidia-smi; then
+  # Read-only queries: never change clocks, power, compute mode or MIG here.
+  nvidia-smi >"$LOG_DIR/nvidia-smi.txt" 2>&1 || true
+  GPU_CSV="$(nvidia-smi --query-gpu=index,name,compute_cap,memory.total,driver_version \
+    --format=csv,noheader 2>/dev/null || true)"
+  echo "gpus:    ${GPU_CSV:-none reported}" | sed '2,$s/^/         /'
+  DEVICE_NAME="$(printf '%s\n' "$GPU_CSV" | head -1 | cut -d, -f2- | sed 's/^ *//')"
+  [[ -n "$DEVICE_NAME" ]] || DEVICE_NAME="(nvidia-smi lists no GPU)"
+else
+  echo "gpus:    nvidia-smi not found" | tee "$LOG_DIR/nvidia-smi.txt"
+fi
+
+# ---------------------------------------------------------------------------
+section "toolchain"
+if ! have nvcc && [[ -x /usr/local/cuda/bin/nvcc ]]; then
+  export PATH="/usr/local/cuda/bin:$PATH"
+fi
+have cmake || { echo "device-check: cmake not found" >&2; exit 1; }
+echo "cmake:   $(cmake --version | head -1)"
+echo "nvcc:    $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*' || echo 'not found')"
+echo "c++:     $( (${CXX:-c++} --version 2>/dev/null || echo 'not found') | head -1)"
+CUDA_LIBS="$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)")")"
+CUBLASLT="$(find "$CUDA_LIBS/lib64/" "$CUDA_LIBS/targets/" -name 'libcublasLt.so*' \
+  2>/dev/null | head -1 || true)"
+echo "cublasLt: ${CUBLASLT:-not found under $CUDA_LIBS (so CUDA::cublasLt will not be found)}"
+if have ninja; then
+  GENERATOR="Ninja"
+else
+  GENERATOR="Unix Makefiles"
+fi
+echo "gen:     $GENERATOR, CUDA archs $ARCHS"
+
+CMAKE_ARGS=(
+  -S "$ROOT" -B "$BUILD_DIR" -G "$GENERATOR"
+  -DCMAKE_BUILD_TYPE=Release
+  -DQSHARD_CUDA=ON
+  -DQSHARD_BUILD_SERVICE=OFF
+  -DQSHARD_BUILD_BENCH=OFF
+  -DQSHARD_BUILD_TESTS=ON
+  # Another compiler than CI's may warn where CI's does not; that must not cost the run.
+  -DQSHARD_WERROR=OFF
+  "-DCMAKE_CUDA_ARCHITECTURES=$ARCHS"
+)
+
+# Carried dependencies: preferred over anything the system has, so the device builds
+# against the same versions as CI.
+DEPS="$ROOT/.device-deps/usr"
+if [[ -d "$DEPS" ]]; then
+  LIBDIR="$DEPS/lib/x86_64-linux-gnu"
+  npkgs="$(grep -c '^Package:' "$ROOT/.device-deps/MANIFEST" 2>/dev/null || echo '?')"
+  echo "deps:    $ROOT/.device-deps ($npkgs packages)"
+  CMAKE_ARGS+=("-DCMAKE_PREFIX_PATH=$DEPS")
+  PKG_CONFIG_PATH="$LIBDIR/pkgconfig:$DEPS/share/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+  export PKG_CONFIG_PATH
+  # abseil is shared libraries: the test binaries (and gtest's test discovery, which runs
+  # them at build time) must find them, including the ones they only need indirectly.
+  export LD_LIBRARY_PATH="$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  if ! have pkg-config && [[ -x "$DEPS/bin/pkgconf" ]]; then
+    CMAKE_ARGS+=("-DPKG_CONFIG_EXECUTABLE=$DEPS/bin/pkgconf")
+    echo "pkgconf: carried ($DEPS/bin/pkgconf)"
+  fi
+else
+  echo "deps:    system (no .device-deps; if configure fails, run scripts/prepare-device-deps.sh"
+  echo "         on the dev machine and carry .device-deps)"
+fi
+
+# ---------------------------------------------------------------------------
+# Summary table, also written to summary.txt. Called on every exit path.
+declare -A BINARY_RC=()
+BUILD_RESULT="not run"
+write_summary() {
+  {
+    section "device-check summary"
+    echo "device: $DEVICE_NAME"
+    echo "build:  $BUILD_RESULT"
+    if [[ "$BUILD_RESULT" == FAILED* ]]; then
+      grep -m 5 -E 'error|Error' "$BUILD_LOG" | cut -c1-240 || true
+    fi
+    local passed=0 failed=0 skipped=0 t
+    printf '%-62s | %s\n' "test" "result"
+    printf '%-62s-+-%s\n' "$(printf '%.0s-' {1..62})" "----------------"
+    for t in "${TESTS[@]}"; do
+      local log="$LOG_DIR/$t.log"
+      [[ -f "$log" ]] || continue
+      # gtest's per-test end lines: "[       OK ] Suite.Name (12 ms)" (the closing lists
+      # repeat names without the time, so requiring "(N ms)" counts each test once).
+      while read -r result name ms; do
+        printf '%-62s | %s (%s ms)\n' "$name" "$result" "$ms"
+        case "$result" in
+          OK) passed=$((passed + 1)) ;;
+          FAILED) failed=$((failed + 1)) ;;
+          SKIPPED) skipped=$((skipped + 1)) ;;
+        esac
+      done < <(sed -nE 's/^\[ +(OK|FAILED|SKIPPED) +\] ([^ ]+) \(([0-9]+) ms\).*/\1 \2 \3/p' "$log")
+      if [[ -n "${BINARY_RC[$t]:-}" && "${BINARY_RC[$t]}" != 0 ]]; then
+        printf '%-62s | exit status %s\n' "$t (binary)" "${BINARY_RC[$t]}"
+      fi
+    done
+    echo "$passed passed, $failed failed, $skipped skipped"
+  } | tee "$SUMMARY"
+}
+
+fail_build() {
+  BUILD_RESULT="FAILED at $1 (last lines of build.log above; first errors below)"
+  echo "---- tail of $BUILD_LOG ----"
+  tail -n 60 "$BUILD_LOG"
+  write_summary
+  exit 1
+}
+
+# ---------------------------------------------------------------------------
+section "configure + build (${TESTS[*]})"
+t0=$(now)
+if ! cmake "${CMAKE_ARGS[@]}" >>"$BUILD_LOG" 2>&1; then
+  fail_build "configure"
+fi
+grep -E '^-- (qshard|Found)' "$BUILD_LOG" || true
+if ! cmake --build "$BUILD_DIR" -j "$JOBS" --target "${TESTS[@]}" >>"$BUILD_LOG" 2>&1; then
+  fail_build "build"
+fi
+t1=$(now)
+BUILD_RESULT="ok in $((t1 - t0)) s"
+echo "build:   $BUILD_RESULT"
+
+# ---------------------------------------------------------------------------
+status=0
+for t in "${TESTS[@]}"; do
+  section "run $t"
+  bin="$BUILD_DIR/bin/$t"
+  if [[ ! -x "$bin" ]]; then
+    echo "device-check: $bin was not built (no test sources?)" | tee "$LOG_DIR/$t.log"
+    BINARY_RC[$t]="missing"
+    status=1
+    continue
+  fi
+  rc=0
+  "$bin" --gtest_color=no "--gtest_output=xml:$LOG_DIR/$t.xml" 2>&1 | tee "$LOG_DIR/$t.log" ||
+    rc=$?
+  BINARY_RC[$t]=$rc
+  [[ $rc -eq 0 ]] || status=1
+  if grep -qE '^\[ +SKIPPED +\] [^ ]+ \(' "$LOG_DIR/$t.log" &&
+    [[ "${QSHARD_DEVICE_ALLOW_SKIP:-0}" != 1 ]]; then
+    echo "device-check: tests were skipped (is the GPU visible?); counting that as a failure"
+    status=1
+  fi
+done
+
+write_summary
+if [[ $status -eq 0 ]]; then
+  echo "RESULT: PASS"
+else
+  echo "RESULT: FAIL"
+fi
+exit "$status"
