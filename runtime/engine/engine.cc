@@ -36,6 +36,9 @@ struct Engine::Sequence {
   std::unique_ptr<IncrementalDetokenizer> detok;
   std::string text;             // all generated text so far
   size_t emitted = 0;           // bytes of `text` already returned
+  std::vector<uint64_t> block_hashes;  // hash chain of the registered full blocks
+  int32_t cached_prompt_tokens = 0;    // prompt tokens served from the prefix cache
+  bool admitted_once = false;
   FinishReason abort_reason = FinishReason::kNone;  // set by Abort() between steps
   absl::Status error;
 
@@ -152,12 +155,57 @@ EngineStats Engine::stats() const {
   st.kv_blocks_total = allocator_->num_blocks();
   st.kv_blocks_used = allocator_->num_used();
   st.num_preemptions = num_preemptions_;
+  st.prefix_cache_queries = prefix_queries_;
+  st.prefix_cache_hits = prefix_hits_;
+  st.kv_blocks_cached = allocator_->num_cached();
   return st;
 }
 
+void Engine::MatchPrefix(Sequence& s) {
+  if (!options_.enable_prefix_caching || s.num_computed != 0 || s.blocks.size() != 0) return;
+  const int64_t bs = options_.block_size;
+  const uint64_t salt = static_cast<uint64_t>(kv_cache_spec().dtype) + 1;
+  // At least the last token must be computed to get logits for the next one.
+  const int64_t max_blocks = (static_cast<int64_t>(s.all.size()) - 1) / bs;
+  s.block_hashes.clear();
+  uint64_t parent = 0;
+  for (int64_t i = 0; i < max_blocks; ++i) {
+    absl::Span<const int32_t> toks(s.all.data() + i * bs, bs);
+    const uint64_t h = BlockHash(parent, toks, salt);
+    std::optional<int32_t> b = allocator_->Lookup(h, toks);
+    if (!b) break;
+    s.blocks.Append(*b);
+    s.block_hashes.push_back(h);
+    parent = h;
+  }
+  s.num_computed = s.blocks.size() * bs;
+  if (!s.admitted_once) {
+    // Counted once per request, in prompt tokens, as vLLM does.
+    prefix_queries_ += s.prompt_len;
+    s.cached_prompt_tokens = static_cast<int32_t>(std::min<int64_t>(s.num_computed, s.prompt_len));
+    prefix_hits_ += s.cached_prompt_tokens;
+  }
+}
+
+void Engine::RegisterFullBlocks(Sequence& s) {
+  if (!options_.enable_prefix_caching) return;
+  const int64_t bs = options_.block_size;
+  const uint64_t salt = static_cast<uint64_t>(kv_cache_spec().dtype) + 1;
+  const int64_t full = s.num_computed / bs;
+  for (int64_t i = static_cast<int64_t>(s.block_hashes.size()); i < full; ++i) {
+    absl::Span<const int32_t> toks(s.all.data() + i * bs, bs);
+    const uint64_t parent = i == 0 ? 0 : s.block_hashes[i - 1];
+    const uint64_t h = BlockHash(parent, toks, salt);
+    allocator_->Register(s.blocks.blocks()[i], h, toks);
+    s.block_hashes.push_back(h);
+  }
+}
+
 void Engine::Preempt(Sequence& s) {
-  // Recompute preemption: drop the K/V, keep the tokens; it will prefill prompt + output.
+  // Recompute preemption: drop the K/V, keep the tokens; it will prefill prompt + output
+  // (its full blocks stay in the prefix cache until evicted, so the recompute may be cheap).
   s.blocks.Clear(*allocator_);
+  s.block_hashes.clear();
   s.num_computed = 0;
   running_.erase(std::remove(running_.begin(), running_.end(), &s), running_.end());
   waiting_.push_front(&s);
@@ -190,6 +238,7 @@ void Engine::FinishSequence(Sequence& s, FinishReason reason, std::vector<Reques
   o->error = s.error;
   o->prompt_tokens = s.prompt_len;
   o->completion_tokens = s.num_generated();
+  o->cached_prompt_tokens = s.cached_prompt_tokens;
   const std::string id = s.id;
   seqs_.erase(id);  // destroys s
 }
@@ -204,6 +253,7 @@ void Engine::Advance(Sequence& s, const SampleResult& r, std::vector<RequestOutp
   if (s.params.logprobs > 0) o.logprobs.push_back(r);
   o.prompt_tokens = s.prompt_len;
   o.completion_tokens = s.num_generated();
+  o.cached_prompt_tokens = s.cached_prompt_tokens;
 
   const auto& eos = config().eos_token_ids;
   const bool is_eos = !s.params.ignore_eos && std::find(eos.begin(), eos.end(), tok) != eos.end();
@@ -307,8 +357,21 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
       FinishSequence(*s, FinishReason::kError, &out);
       continue;
     }
+    MatchPrefix(*s);
     const int64_t n = std::min<int64_t>(total - s->num_computed, budget);
-    if (!s->blocks.EnsureCapacity(s->num_computed + n, bs, *allocator_)) break;
+    if (!s->blocks.EnsureCapacity(s->num_computed + n, bs, *allocator_)) {
+      // Not admitted after all: give back the prefix hits, retry next step.
+      s->blocks.Clear(*allocator_);
+      s->block_hashes.clear();
+      s->num_computed = 0;
+      if (!s->admitted_once) {
+        prefix_queries_ -= s->prompt_len;
+        prefix_hits_ -= s->cached_prompt_tokens;
+        s->cached_prompt_tokens = 0;
+      }
+      break;
+    }
+    s->admitted_once = true;
     waiting_.pop_front();
     running_.push_back(s);
     s->chunk = n;
@@ -345,6 +408,7 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
   std::vector<int32_t> blocked;
   for (Sequence* s : scheduled) {
     s->num_computed += s->chunk;
+    RegisterFullBlocks(*s);
     if (s->num_computed != static_cast<int64_t>(s->all.size())) continue;
     blocked.clear();
     if (s->num_generated() < s->params.min_tokens) {

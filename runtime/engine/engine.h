@@ -39,6 +39,8 @@ struct EngineOptions {
   int64_t kv_cache_memory_bytes = 0;
   // On the CPU "auto" means float32, matching the fp32 math of the reference.
   KvCacheDType kv_cache_dtype = KvCacheDType::kAuto;
+  // Reuse the K/V of full blocks whose token prefix was seen before.
+  bool enable_prefix_caching = true;
 };
 
 enum class FinishReason { kNone, kStop, kLength, kAbort, kError };
@@ -70,6 +72,9 @@ struct EngineStats {
   int32_t kv_blocks_total = 0;
   int32_t kv_blocks_used = 0;
   int64_t num_preemptions = 0;
+  int64_t prefix_cache_queries = 0;  // prompt tokens looked up in the prefix cache
+  int64_t prefix_cache_hits = 0;     // of which found cached
+  int32_t kv_blocks_cached = 0;      // blocks registered in the prefix cache
 };
 
 class Engine {
@@ -100,6 +105,10 @@ class Engine {
   Engine() = default;
   void FinishSequence(Sequence& s, FinishReason reason, std::vector<RequestOutput>* out);
   void Preempt(Sequence& s);
+  // Prefix cache: reuse leading cached blocks of a sequence about to be admitted, and
+  // register the blocks a step has filled.
+  void MatchPrefix(Sequence& s);
+  void RegisterFullBlocks(Sequence& s);
   // Appends the sampled token, detokenizes, checks stop conditions.
   void Advance(Sequence& s, const SampleResult& r, std::vector<RequestOutput>* out);
 
@@ -114,6 +123,8 @@ class Engine {
   std::vector<Sequence*> running_;  // in admission order
   std::vector<Sequence*> finished_;  // aborted between steps, reported at the next Step
   int64_t num_preemptions_ = 0;
+  int64_t prefix_queries_ = 0;
+  int64_t prefix_hits_ = 0;
   std::vector<float> logits_;
 };
 

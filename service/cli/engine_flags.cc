@@ -19,6 +19,8 @@ void EngineFlags::Register(FlagSet& flags, bool with_batching) {
   flags.AddInt("max-model-len", &max_model_len,
                "maximum context length, prompt + output (0: max_position_embeddings)");
   flags.AddInt("block-size", &block_size, "tokens per KV cache block");
+  flags.AddBool("enable-prefix-caching", &enable_prefix_caching,
+                "reuse cached K/V of repeated prompt prefixes (--no-enable-prefix-caching: off)");
   if (with_batching) {
     flags.AddInt("max-num-seqs", &max_num_seqs, "maximum sequences per engine step");
     flags.AddInt("max-num-batched-tokens", &max_num_batched_tokens,
@@ -36,6 +38,7 @@ absl::StatusOr<EngineOptions> EngineFlags::ToOptions() const {
   if (max_model_len < 0) return absl::InvalidArgumentError("--max-model-len must be >= 0");
   o.max_model_len = max_model_len;
   o.block_size = block_size;
+  o.enable_prefix_caching = enable_prefix_caching;
   if (max_num_seqs < 1) return absl::InvalidArgumentError("--max-num-seqs must be >= 1");
   if (max_num_batched_tokens < 1) {
     return absl::InvalidArgumentError("--max-num-batched-tokens must be >= 1");
