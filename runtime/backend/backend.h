@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -67,6 +68,13 @@ class Backend {
   // Allocates the paged K/V storage for every layer.
   virtual absl::Status AllocateKvCache(const KvCacheSpec& spec) = 0;
   virtual const KvCacheSpec& kv_cache_spec() const = 0;
+  // Per-layer fp32 scales of an fp8 KV cache (value = code x scale), K and V separately.
+  // Call after AllocateKvCache; they default to 1.0.
+  virtual void SetKvScales(int layer, float k_scale, float v_scale) = 0;
+  virtual std::pair<float, float> GetKvScales(int layer) const = 0;
+  // The next step that reaches each layer first sets its scales from that step's
+  // K / V absolute maximum (--calculate-kv-scales).
+  virtual void CalculateKvScalesAtNextStep() = 0;
   // Copies activations (e.g. logits [rows, vocab]) into host fp32 memory.
   virtual absl::Status CopyToHost(const Tensor& src, float* dst) = 0;
 

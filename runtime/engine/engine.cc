@@ -90,6 +90,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
         " bytes per token)"));
   }
   QSHARD_RETURN_IF_ERROR(e->model_->AllocateKvCache(spec));
+  if (spec.dtype == DType::kF8E4M3 || spec.dtype == DType::kF8E5M2) {
+    QSHARD_RETURN_IF_ERROR(e->model_->ApplyKvScales(options.calculate_kv_scales));
+  }
   e->allocator_ = std::make_unique<BlockAllocator>(static_cast<int32_t>(spec.num_blocks));
   QSHARD_LOG(INFO) << "engine ready: " << config.architecture << " from " << options.model_dir
                    << " on " << e->backend_->name() << "; KV cache " << spec.num_blocks

@@ -39,6 +39,8 @@ struct EngineOptions {
   int64_t kv_cache_memory_bytes = 0;
   // On the CPU "auto" means float32, matching the fp32 math of the reference.
   KvCacheDType kv_cache_dtype = KvCacheDType::kAuto;
+  // fp8 KV caches without scales in the checkpoint: compute them from the first prefill.
+  bool calculate_kv_scales = false;
   // Reuse the K/V of full blocks whose token prefix was seen before.
   bool enable_prefix_caching = true;
 };

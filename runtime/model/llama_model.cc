@@ -7,6 +7,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "runtime/base/half.h"
 #include "runtime/base/log.h"
 #include "runtime/base/status_macros.h"
 
@@ -42,6 +43,24 @@ class TensorBinder {
     return ckpt_.Get(name);
   }
 
+  // A tensor of any dtype and shape (quantized formats: the format reader checks both and
+  // names the tensor in its errors).
+  absl::StatusOr<Tensor> TakeRaw(const std::string& name) {
+    if (ckpt_.Find(name) == nullptr) {
+      return absl::NotFoundError(
+          absl::StrCat("checkpoint ", ckpt_.dir(), ": missing tensor '", name, "'"));
+    }
+    used_.insert(name);
+    return ckpt_.Get(name);
+  }
+  // Empty when absent.
+  absl::StatusOr<Tensor> TakeOptional(const std::string& name) {
+    if (ckpt_.Find(name) == nullptr) return Tensor();
+    return TakeRaw(name);
+  }
+  bool Has(const std::string& name) const { return ckpt_.Find(name) != nullptr; }
+  const TensorInfo* Find(const std::string& name) const { return ckpt_.Find(name); }
+
   // Every tensor not taken, except buffers that carry no weights.
   std::vector<std::string> Unused() const {
     std::vector<std::string> out;
@@ -57,6 +76,20 @@ class TensorBinder {
   std::set<std::string> used_;
 };
 
+// Value of a one-element float tensor in host memory.
+void ScalarAsFloat(const Tensor& t, float* out) {
+  switch (t.dtype()) {
+    case DType::kBF16:
+      *out = Bf16ToF32(*t.data<uint16_t>());
+      break;
+    case DType::kF16:
+      *out = F16ToF32(*t.data<uint16_t>());
+      break;
+    default:
+      *out = *t.data<float>();
+  }
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& dir,
@@ -68,41 +101,185 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
 absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& dir,
                                                              const ModelConfig& config,
                                                              Backend* backend) {
+  return Load(dir, config, backend, ModelLoadOptions());
+}
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& dir,
+                                                             const ModelConfig& config,
+                                                             Backend* backend,
+                                                             const ModelLoadOptions& options) {
   QSHARD_ASSIGN_OR_RETURN(Checkpoint ckpt, Checkpoint::Open(dir));
   std::unique_ptr<LlamaModel> model(new LlamaModel(config, backend));
-  QSHARD_RETURN_IF_ERROR(model->LoadWeights(ckpt));
+  QSHARD_ASSIGN_OR_RETURN(model->quant_,
+                          LoadQuantizationConfig(dir, config.quantization_config_json));
+  QSHARD_RETURN_IF_ERROR(model->LoadWeights(ckpt, options));
   return model;
 }
 
-absl::Status LlamaModel::LoadWeights(const Checkpoint& ckpt) {
+absl::Status LlamaModel::LoadWeights(const Checkpoint& ckpt, const ModelLoadOptions& options) {
   const ModelConfig& c = config_;
+  const QuantizationConfig& qc = quant_;
   const int64_t H = c.hidden_size, I = c.intermediate_size, D = c.head_dim;
   const int64_t q_out = c.num_heads * D, kv_out = c.num_kv_heads * D;
   TensorBinder bind(ckpt);
+  summary_.quantization = qc.Describe();
 
-  auto account = [&](const Tensor& t) {
-    summary_.num_parameters += t.numel();
-    summary_.total_bytes += static_cast<int64_t>(t.nbytes());
-    summary_.bytes_per_dtype[std::string(DTypeName(t.dtype()))] += static_cast<int64_t>(t.nbytes());
+  // format: the bytes_per_format key ("" = "dense <dtype>"); count_params: false for
+  // packed tensors, whose element count is not the parameter count.
+  auto account_as = [&](const Tensor& t, const std::string& format, bool count_params) {
+    if (t.empty()) return;
+    if (count_params) summary_.num_parameters += t.numel();
+    const int64_t bytes = static_cast<int64_t>(t.nbytes());
+    summary_.total_bytes += bytes;
+    summary_.bytes_per_dtype[std::string(DTypeName(t.dtype()))] += bytes;
+    summary_.bytes_per_format[format.empty() ? "dense " + std::string(DTypeName(t.dtype()))
+                                             : format] += bytes;
   };
+  auto account = [&](const Tensor& t) { account_as(t, "", true); };
   auto take_vector = [&](const std::string& name, int64_t n) -> absl::StatusOr<Tensor> {
     QSHARD_ASSIGN_OR_RETURN(Tensor t, bind.Take(name, {n}));
     account(t);
     return backend_->UploadWeight(t);
   };
-  auto take_linear = [&](const std::string& prefix, int64_t out, int64_t in,
-                         bool has_bias) -> absl::StatusOr<std::unique_ptr<LinearOp>> {
+  // Whether the checkpoint stores `prefix` quantized: an ignored module (ignore /
+  // modules_to_not_convert) never is; an lm_head is when its quantized tensors are there
+  // (most quantizers leave it dense); every other Linear must be.
+  auto is_quantized = [&](const std::string& prefix, bool optional) {
+    if (!qc.quantized() || qc.IsIgnored(prefix)) return false;
+    if (!optional) return true;
+    switch (qc.method) {
+      case QuantMethod::kGptq:
+      case QuantMethod::kAwq:
+        return bind.Has(prefix + ".qweight");
+      case QuantMethod::kCompressedTensors:
+        if (qc.compressed_format == CompressedFormat::kPackQuantized) {
+          return bind.Has(prefix + ".weight_packed");
+        }
+        [[fallthrough]];
+      default: {
+        const TensorInfo* info = bind.Find(prefix + ".weight");
+        return info != nullptr && (info->dtype == DType::kF8E4M3 || info->dtype == DType::kI8);
+      }
+    }
+  };
+  // Fills the format's tensors of one quantized Linear.
+  auto take_quantized = [&](LinearWeights& w) -> absl::Status {
+    const std::string& p = w.name;
+    w.bits = qc.bits;
+    w.group_size = qc.group_size;
+    w.has_zero_point = !qc.sym;
+    std::string label;
+    const bool w8a8 = !options.weight_only_activations;
+    const bool packed = qc.method == QuantMethod::kCompressedTensors &&
+                        qc.compressed_format == CompressedFormat::kPackQuantized;
+    const bool int8 = qc.method == QuantMethod::kCompressedTensors &&
+                      qc.compressed_format == CompressedFormat::kIntQuantized;
+    if (qc.method == QuantMethod::kGptq) {
+      w.format = WeightFormat::kGptq;
+      w.gptq_zeros_minus_one = qc.checkpoint_format == GptqCheckpointFormat::kGptq;
+      QSHARD_ASSIGN_OR_RETURN(w.qweight, bind.TakeRaw(p + ".qweight"));
+      QSHARD_ASSIGN_OR_RETURN(w.qzeros, bind.TakeRaw(p + ".qzeros"));
+      QSHARD_ASSIGN_OR_RETURN(w.scales, bind.TakeRaw(p + ".scales"));
+      QSHARD_ASSIGN_OR_RETURN(w.g_idx, bind.TakeOptional(p + ".g_idx"));
+      label = absl::StrCat("gptq-w", qc.bits);
+    } else if (qc.method == QuantMethod::kAwq) {
+      w.format = WeightFormat::kAwq;
+      QSHARD_ASSIGN_OR_RETURN(w.qweight, bind.TakeRaw(p + ".qweight"));
+      QSHARD_ASSIGN_OR_RETURN(w.qzeros, bind.TakeOptional(p + ".qzeros"));
+      QSHARD_ASSIGN_OR_RETURN(w.scales, bind.TakeRaw(p + ".scales"));
+      label = "awq-w4";
+    } else if (packed) {
+      w.format = WeightFormat::kPacked;
+      if (qc.weight_strategy == WeightStrategy::kChannel) w.group_size = -1;
+      QSHARD_ASSIGN_OR_RETURN(w.qweight, bind.TakeRaw(p + ".weight_packed"));
+      QSHARD_ASSIGN_OR_RETURN(w.scales, bind.TakeRaw(p + ".weight_scale"));
+      QSHARD_ASSIGN_OR_RETURN(w.qzeros, bind.TakeOptional(p + ".weight_zero_point"));
+      QSHARD_ASSIGN_OR_RETURN(w.g_idx, bind.TakeOptional(p + ".weight_g_idx"));
+      if (qc.sym) w.qzeros = Tensor();  // a symmetric zero point is implicit
+      QSHARD_ASSIGN_OR_RETURN(Tensor shape, bind.TakeOptional(p + ".weight_shape"));
+      if (!shape.empty()) {
+        bool ok = shape.numel() == 2;
+        if (ok && shape.dtype() == DType::kI64) {
+          ok = shape.data<int64_t>()[0] == w.out_features &&
+               shape.data<int64_t>()[1] == w.in_features;
+        } else if (ok && shape.dtype() == DType::kI32) {
+          ok = shape.data<int32_t>()[0] == w.out_features &&
+               shape.data<int32_t>()[1] == w.in_features;
+        } else {
+          ok = false;
+        }
+        if (!ok) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              p, ".weight_shape: expected [", w.out_features, ", ", w.in_features, "] as int64"));
+        }
+      }
+      label = absl::StrCat("packed-w", qc.bits);
+    } else if (int8) {
+      w.format = WeightFormat::kInt8;
+      QSHARD_ASSIGN_OR_RETURN(w.weight, bind.TakeRaw(p + ".weight"));
+      QSHARD_ASSIGN_OR_RETURN(w.weight_scale, bind.TakeRaw(p + ".weight_scale"));
+      if (qc.activation == ActivationScheme::kDynamicPerToken && w8a8) {
+        w.act_quant = ActQuant::kInt8PerToken;
+      }
+      label = "int8";
+    } else if (qc.method == QuantMethod::kFp8 || qc.method == QuantMethod::kCompressedTensors) {
+      w.format = WeightFormat::kFp8;
+      QSHARD_ASSIGN_OR_RETURN(w.weight, bind.TakeRaw(p + ".weight"));
+      if (qc.weight_strategy == WeightStrategy::kBlock) w.block_size = qc.weight_block_size;
+      // vLLM block-wise checkpoints name the (multiplied) scale weight_scale_inv.
+      const std::string scale_name = qc.method == QuantMethod::kFp8 &&
+                                             !bind.Has(p + ".weight_scale")
+                                         ? p + ".weight_scale_inv"
+                                         : p + ".weight_scale";
+      QSHARD_ASSIGN_OR_RETURN(w.weight_scale, bind.TakeRaw(scale_name));
+      if (qc.activation == ActivationScheme::kStatic) {
+        QSHARD_ASSIGN_OR_RETURN(w.input_scale, bind.TakeRaw(p + ".input_scale"));
+      } else {
+        QSHARD_ASSIGN_OR_RETURN(w.input_scale, bind.TakeOptional(p + ".input_scale"));
+      }
+      if (w8a8 && qc.activation == ActivationScheme::kDynamicPerToken) {
+        w.act_quant = ActQuant::kFp8PerToken;
+      } else if (w8a8 && qc.activation == ActivationScheme::kStatic) {
+        w.act_quant = ActQuant::kFp8Static;
+      } else if (w8a8 && qc.activation == ActivationScheme::kDynamicPerTokenGroup) {
+        w.act_quant = ActQuant::kFp8PerTokenGroup;
+        w.act_group_size = qc.group_size;
+      }
+      label = "fp8-e4m3";
+    } else {
+      return absl::UnimplementedError(absl::StrCat(p, ": quantization method ",
+                                                   std::string(QuantMethodName(qc.method)),
+                                                   " is not loadable from a checkpoint"));
+    }
+    for (const Tensor* t : {&w.weight, &w.qweight, &w.qzeros, &w.scales, &w.g_idx,
+                            &w.weight_scale, &w.input_scale}) {
+      account_as(*t, label, false);
+    }
+    summary_.num_parameters += w.in_features * w.out_features;
+    return absl::OkStatus();
+  };
+  auto take_linear_impl = [&](const std::string& prefix, int64_t out, int64_t in,
+                              bool has_bias, bool optional_quant)
+      -> absl::StatusOr<std::unique_ptr<LinearOp>> {
     LinearWeights w;
     w.name = prefix;
     w.in_features = in;
     w.out_features = out;
-    QSHARD_ASSIGN_OR_RETURN(w.weight, bind.Take(prefix + ".weight", {out, in}));
-    account(w.weight);
+    if (is_quantized(prefix, optional_quant)) {
+      QSHARD_RETURN_IF_ERROR(take_quantized(w));
+    } else {
+      QSHARD_ASSIGN_OR_RETURN(w.weight, bind.Take(prefix + ".weight", {out, in}));
+      account(w.weight);
+    }
     if (has_bias) {
       QSHARD_ASSIGN_OR_RETURN(w.bias, bind.Take(prefix + ".bias", {out}));
       account(w.bias);
     }
     return backend_->PrepareLinear(w);
+  };
+  auto take_linear = [&](const std::string& prefix, int64_t out, int64_t in,
+                         bool has_bias) -> absl::StatusOr<std::unique_ptr<LinearOp>> {
+    return take_linear_impl(prefix, out, in, has_bias, /*optional_quant=*/false);
   };
 
   QSHARD_ASSIGN_OR_RETURN(Tensor embed, bind.Take("model.embed_tokens.weight", {c.vocab_size, H}));
@@ -121,6 +298,31 @@ absl::Status LlamaModel::LoadWeights(const Checkpoint& ckpt) {
     QSHARD_ASSIGN_OR_RETURN(L.gate_proj, take_linear(p + "mlp.gate_proj", I, H, c.mlp_bias));
     QSHARD_ASSIGN_OR_RETURN(L.up_proj, take_linear(p + "mlp.up_proj", I, H, c.mlp_bias));
     QSHARD_ASSIGN_OR_RETURN(L.down_proj, take_linear(p + "mlp.down_proj", H, I, c.mlp_bias));
+    // fp8 KV cache scales, under any of the names checkpoints use for them.
+    float scales[2] = {0.0f, 0.0f};
+    const char* names[3][2] = {{"self_attn.k_scale", "self_attn.v_scale"},
+                               {"self_attn.k_proj.k_scale", "self_attn.v_proj.v_scale"},
+                               {"self_attn.kv_scale", "self_attn.kv_scale"}};
+    for (const auto& pair : names) {
+      for (int kv = 0; kv < 2; ++kv) {
+        QSHARD_ASSIGN_OR_RETURN(Tensor t, bind.TakeOptional(p + pair[kv]));
+        if (t.empty() || scales[kv] != 0.0f) continue;
+        if (t.numel() != 1 || (t.dtype() != DType::kF32 && t.dtype() != DType::kBF16 &&
+                               t.dtype() != DType::kF16)) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "checkpoint ", ckpt.dir(), ": tensor '", p, pair[kv], "' has shape ",
+              ShapeToString(t.shape()), " ", std::string(DTypeName(t.dtype())),
+              ", expected one float (a per-tensor KV cache scale)"));
+        }
+        float v;
+        ScalarAsFloat(t, &v);
+        scales[kv] = v;
+      }
+    }
+    if (scales[0] > 0.0f || scales[1] > 0.0f) {
+      ckpt_kv_scales_.resize(c.num_layers, {0.0f, 0.0f});
+      ckpt_kv_scales_[l] = {scales[0], scales[1]};
+    }
   }
   QSHARD_ASSIGN_OR_RETURN(final_norm_, take_vector("model.norm.weight", H));
   if (c.tie_word_embeddings && !ckpt.Has("lm_head.weight")) {
@@ -131,7 +333,8 @@ absl::Status LlamaModel::LoadWeights(const Checkpoint& ckpt) {
     w.weight = embed;
     QSHARD_ASSIGN_OR_RETURN(lm_head_, backend_->PrepareLinear(w));
   } else {
-    QSHARD_ASSIGN_OR_RETURN(lm_head_, take_linear("lm_head", c.vocab_size, H, false));
+    QSHARD_ASSIGN_OR_RETURN(lm_head_, take_linear_impl("lm_head", c.vocab_size, H, false,
+                                                       /*optional_quant=*/true));
   }
   std::vector<std::string> unused = bind.Unused();
   if (!unused.empty()) {
@@ -145,6 +348,39 @@ absl::Status LlamaModel::LoadWeights(const Checkpoint& ckpt) {
         absl::StrJoin(unused, ", ")));
   }
   summary_.linear_kernel = layers_.empty() ? lm_head_->kernel_name() : layers_[0].q_proj->kernel_name();
+  summary_.lm_head_kernel = lm_head_->kernel_name();
+  if (qc.quantized()) {
+    QSHARD_LOG(INFO) << "quantization: " << qc.Describe() << " (from " << qc.source
+                     << "); linear kernel " << summary_.linear_kernel << ", lm_head "
+                     << summary_.lm_head_kernel;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::ApplyKvScales(bool calculate) {
+  const KvCacheSpec& spec = backend_->kv_cache_spec();
+  const bool from_checkpoint = !ckpt_kv_scales_.empty();
+  for (int64_t l = 0; l < config_.num_layers && from_checkpoint; ++l) {
+    auto [k, v] = ckpt_kv_scales_[l];
+    if (k <= 0.0f || v <= 0.0f) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "checkpoint has KV cache scales for some layers but not for layer ", l,
+          " (expected k_scale and v_scale > 0 in every layer)"));
+    }
+    backend_->SetKvScales(static_cast<int>(l), k, v);
+  }
+  if (from_checkpoint) {
+    QSHARD_LOG(INFO) << "fp8 KV cache (" << DTypeName(spec.dtype)
+                     << "): per-layer K/V scales from the checkpoint";
+  } else if (calculate) {
+    backend_->CalculateKvScalesAtNextStep();
+    QSHARD_LOG(INFO) << "fp8 KV cache (" << DTypeName(spec.dtype)
+                     << "): K/V scales will be computed from the first prefill";
+  } else {
+    QSHARD_LOG(WARNING) << "fp8 KV cache (" << DTypeName(spec.dtype)
+                        << ") without scales in the checkpoint: using 1.0 (pass "
+                           "--calculate-kv-scales to derive them from the first prefill)";
+  }
   return absl::OkStatus();
 }
 

@@ -19,6 +19,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "quant/quant_config.h"
 #include "runtime/backend/backend.h"
 #include "runtime/checkpoint/model_config.h"
 #include "runtime/checkpoint/safetensors.h"
@@ -45,7 +46,19 @@ struct WeightSummary {
   int64_t num_parameters = 0;            // elements of all weights
   int64_t total_bytes = 0;               // as stored
   std::map<std::string, int64_t> bytes_per_dtype;  // dtype name -> bytes
+  // Checkpoint bytes per storage format: "gptq-w4", "awq-w4", "fp8-e4m3", "int8",
+  // "packed-w4", or "dense <dtype>" for unquantized tensors (norms, embeddings, lm_head).
+  std::map<std::string, int64_t> bytes_per_format;
   std::string linear_kernel;             // kernel of the decoder linears
+  std::string lm_head_kernel;            // kernel of the lm_head
+  std::string quantization = "none";     // QuantizationConfig::Describe()
+};
+
+// Choices made at load time that the checkpoint does not fix.
+struct ModelLoadOptions {
+  // Run W8A8 checkpoints (fp8 / int8 with activation quantization) weight-only: the
+  // activations stay fp32. Default: the checkpoint's activation scheme.
+  bool weight_only_activations = false;
 };
 
 class LlamaModel {
@@ -58,13 +71,25 @@ class LlamaModel {
   static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& dir,
                                                          const ModelConfig& config,
                                                          Backend* backend);
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& dir,
+                                                         const ModelConfig& config,
+                                                         Backend* backend,
+                                                         const ModelLoadOptions& options);
 
   const ModelConfig& config() const { return config_; }
   const WeightSummary& weight_summary() const { return summary_; }
+  const QuantizationConfig& quantization() const { return quant_; }
   Backend& backend() { return *backend_; }
 
   absl::Status AllocateKvCache(const KvCacheSpec& spec);
   const KvCacheSpec& kv_cache_spec() const { return backend_->kv_cache_spec(); }
+  // For an fp8 KV cache: sets per-layer K/V scales from the checkpoint when it has them,
+  // else (calculate) from the first prefill, else leaves 1.0 and logs a warning.
+  absl::Status ApplyKvScales(bool calculate);
+  // (k_scale, v_scale) per layer as found in the checkpoint; empty when it has none.
+  const std::vector<std::pair<float, float>>& checkpoint_kv_scales() const {
+    return ckpt_kv_scales_;
+  }
 
   // Runs one step. Logit rows are appended in chunk order: one per kLast chunk, one per
   // token of a kAll chunk. logits receives [rows, vocab] fp32.
@@ -84,9 +109,10 @@ class LlamaModel {
   };
 
   LlamaModel(ModelConfig config, Backend* backend) : config_(std::move(config)), backend_(backend) {}
-  absl::Status LoadWeights(const Checkpoint& ckpt);
+  absl::Status LoadWeights(const Checkpoint& ckpt, const ModelLoadOptions& options);
 
   ModelConfig config_;
+  QuantizationConfig quant_;
   Backend* backend_;
   Tensor embed_tokens_;               // [vocab, H]
   std::vector<Layer> layers_;
@@ -94,6 +120,7 @@ class LlamaModel {
   std::unique_ptr<LinearOp> lm_head_; // [vocab, H] (the embedding when tied)
   WeightSummary summary_;
   StepMetadata meta_;                 // reused across steps
+  std::vector<std::pair<float, float>> ckpt_kv_scales_;  // [layers] or empty
 };
 
 }  // namespace qshard

@@ -24,6 +24,7 @@ struct EngineFlags {
   int64_t max_num_seqs = 64;
   int64_t max_num_batched_tokens = 2048;
   bool enable_prefix_caching = true;
+  bool calculate_kv_scales = false;
   std::string log_level = "info";
 
   // with_batching: also the scheduler flags (serve).

@@ -19,6 +19,9 @@ void EngineFlags::Register(FlagSet& flags, bool with_batching) {
   flags.AddInt("max-model-len", &max_model_len,
                "maximum context length, prompt + output (0: max_position_embeddings)");
   flags.AddInt("block-size", &block_size, "tokens per KV cache block");
+  flags.AddBool("calculate-kv-scales", &calculate_kv_scales,
+                "fp8 KV cache without checkpoint scales: derive them from the first prefill's "
+                "K/V absolute maximum (else 1.0)");
   flags.AddBool("enable-prefix-caching", &enable_prefix_caching,
                 "reuse cached K/V of repeated prompt prefixes (--no-enable-prefix-caching: off)");
   if (with_batching) {
@@ -39,6 +42,7 @@ absl::StatusOr<EngineOptions> EngineFlags::ToOptions() const {
   o.max_model_len = max_model_len;
   o.block_size = block_size;
   o.enable_prefix_caching = enable_prefix_caching;
+  o.calculate_kv_scales = calculate_kv_scales;
   if (max_num_seqs < 1) return absl::InvalidArgumentError("--max-num-seqs must be >= 1");
   if (max_num_batched_tokens < 1) {
     return absl::InvalidArgumentError("--max-num-batched-tokens must be >= 1");

@@ -54,8 +54,18 @@ int InspectMain(int argc, char** argv) {
                {"low_freq_factor", c.rope.low_freq_factor},
                {"high_freq_factor", c.rope.high_freq_factor},
                {"original_max_position_embeddings", c.rope.original_max_position_embeddings}};
-  j["quantization"] = c.quantization_config_json.empty() ? "none" : "see quantization_config";
+  const QuantizationConfig& q = (*model)->quantization();
+  j["quantization"] = w.quantization;
+  j["quantization_method"] = std::string(QuantMethodName(q.method));
+  if (q.quantized()) {
+    j["quantization_config"] = nlohmann::json::parse(c.quantization_config_json.empty()
+                                                         ? std::string("{}")
+                                                         : c.quantization_config_json);
+    j["quantization_source"] = q.source;
+  }
+  j["bytes_per_format"] = w.bytes_per_format;
   j["linear_kernel_cpu"] = w.linear_kernel;
+  j["lm_head_kernel_cpu"] = w.lm_head_kernel;
   if (json) {
     std::printf("%s\n", j.dump(2).c_str());
     return 0;
@@ -69,6 +79,10 @@ int InspectMain(int argc, char** argv) {
               w.total_bytes / 1048576.0);
   for (const auto& [dt, bytes] : w.bytes_per_dtype) {
     std::printf("  %-18s  %lld bytes\n", (dt + ":").c_str(), static_cast<long long>(bytes));
+  }
+  std::printf("quantization:         %s\n", w.quantization.c_str());
+  for (const auto& [format, bytes] : w.bytes_per_format) {
+    std::printf("  %-18s  %lld bytes\n", (format + ":").c_str(), static_cast<long long>(bytes));
   }
   std::printf("layers:               %lld\n", static_cast<long long>(c.num_layers));
   std::printf("hidden / intermediate: %lld / %lld\n", static_cast<long long>(c.hidden_size),
@@ -88,6 +102,7 @@ int InspectMain(int argc, char** argv) {
                 static_cast<long long>(c.rope.original_max_position_embeddings));
   }
   std::printf("\nCPU linear kernel:    %s\n", w.linear_kernel.c_str());
+  std::printf("CPU lm_head kernel:   %s\n", w.lm_head_kernel.c_str());
   return 0;
 }
 

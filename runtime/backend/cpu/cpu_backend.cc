@@ -7,7 +7,10 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "quant/fp8.h"
+#include "runtime/backend/cpu/kv_rows.h"
 #include "runtime/backend/cpu/ops.h"
+#include "runtime/backend/cpu/quant_linear.h"
 #include "runtime/base/half.h"
 #include "runtime/base/thread_pool.h"
 #include "runtime/checkpoint/rope_frequencies.h"
@@ -33,27 +36,6 @@ class CpuDenseLinear : public LinearOp {
   LinearWeights w_;  // views into the mmap'd checkpoint: no copy
 };
 
-// Stores one fp32 row into a cache row of the given dtype.
-void StoreRow(DType dt, const float* src, int64_t n, void* dst) {
-  switch (dt) {
-    case DType::kF32:
-      std::copy(src, src + n, static_cast<float*>(dst));
-      return;
-    case DType::kBF16: {
-      uint16_t* d = static_cast<uint16_t*>(dst);
-      for (int64_t i = 0; i < n; ++i) d[i] = F32ToBf16(src[i]);
-      return;
-    }
-    case DType::kF16: {
-      uint16_t* d = static_cast<uint16_t*>(dst);
-      for (int64_t i = 0; i < n; ++i) d[i] = F32ToF16(src[i]);
-      return;
-    }
-    default:
-      assert(false && "unsupported KV cache dtype on the CPU backend");
-  }
-}
-
 class CpuBackend : public Backend {
  public:
   Device device() const override { return Device::kCpu; }
@@ -71,10 +53,7 @@ class CpuBackend : public Backend {
   }
 
   absl::StatusOr<std::unique_ptr<LinearOp>> PrepareLinear(const LinearWeights& w) override {
-    if (w.format != WeightFormat::kDense) {
-      return absl::UnimplementedError(
-          absl::StrCat(w.name, ": weight format not supported by the CPU backend"));
-    }
+    if (cpu::IsQuantFormat(w.format)) return cpu::PrepareQuantLinear(w);
     DType dt = w.weight.dtype();
     if (dt != DType::kBF16 && dt != DType::kF16 && dt != DType::kF32) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -89,10 +68,16 @@ class CpuBackend : public Backend {
   }
 
   absl::Status AllocateKvCache(const KvCacheSpec& spec) override {
-    if (spec.dtype != DType::kF32 && spec.dtype != DType::kBF16 && spec.dtype != DType::kF16) {
-      return absl::UnimplementedError(
-          absl::StrCat("CPU backend: KV cache dtype ", std::string(DTypeName(spec.dtype)),
-                       " is not supported (expected float32, bfloat16 or float16)"));
+    if (!cpu::IsSupportedKvDType(spec.dtype)) {
+      return absl::UnimplementedError(absl::StrCat(
+          "CPU backend: KV cache dtype ", std::string(DTypeName(spec.dtype)),
+          " is not supported (expected float32, bfloat16, float16, fp8_e4m3 or fp8_e5m2)"));
+    }
+    // Scales survive a re-allocation of the same model's cache (eval-ppl resizes it).
+    if (static_cast<int64_t>(k_scale_.size()) != spec.num_layers) {
+      k_scale_.assign(spec.num_layers, 1.0f);
+      v_scale_.assign(spec.num_layers, 1.0f);
+      scales_pending_.assign(spec.num_layers, false);
     }
     spec_ = spec;
     k_cache_.clear();
@@ -104,6 +89,17 @@ class CpuBackend : public Backend {
     return absl::OkStatus();
   }
   const KvCacheSpec& kv_cache_spec() const override { return spec_; }
+
+  void SetKvScales(int layer, float k_scale, float v_scale) override {
+    k_scale_[layer] = k_scale;
+    v_scale_[layer] = v_scale;
+  }
+  std::pair<float, float> GetKvScales(int layer) const override {
+    return {k_scale_[layer], v_scale_[layer]};
+  }
+  void CalculateKvScalesAtNextStep() override {
+    scales_pending_.assign(spec_.num_layers, true);
+  }
 
   absl::Status CopyToHost(const Tensor& src, float* dst) override {
     std::copy(src.data<float>(), src.data<float>() + src.numel(), dst);
@@ -134,6 +130,10 @@ class CpuBackend : public Backend {
   }
 
   void Linear(const Tensor& x, const LinearOp& op, Tensor& y) override {
+    if (auto* q = dynamic_cast<const cpu::CpuQuantLinear*>(&op)) {
+      q->Run(x.data<float>(), x.dim(0), y.data<float>());
+      return;
+    }
     const auto& lw = static_cast<const CpuDenseLinear&>(op).weights();
     cpu::Linear(x.data<float>(), x.dim(0), lw.weight, lw.bias.empty() ? nullptr : &lw.bias,
                 y.data<float>());
@@ -182,15 +182,26 @@ class CpuBackend : public Backend {
     auto row = [&](uint8_t* base, int64_t block, int64_t h, int64_t off) {
       return base + (((block * num_kv_heads + h) * bs + off) * head_dim) * esz;
     };
+    // 0) --calculate-kv-scales: the first step that reaches this layer sets its fp8
+    // scales so the largest |K| / |V| of that step maps to the format's max.
+    const float fp8_max = cpu::Fp8MaxValue(dt);
+    if (fp8_max > 0 && scales_pending_[layer]) {
+      const float k_amax = AbsMax(k.data<float>(), k.numel());
+      const float v_amax = AbsMax(v.data<float>(), v.numel());
+      if (k_amax > 0) k_scale_[layer] = k_amax / fp8_max;
+      if (v_amax > 0) v_scale_[layer] = v_amax / fp8_max;
+      scales_pending_[layer] = false;
+    }
+    const float ks = k_scale_[layer], vs = v_scale_[layer];
     // 1) Write this step's K/V into their slots.
     for (int64_t t = 0; t < T; ++t) {
       const int64_t slot = m.slot_mapping[t];
       const int64_t block = slot / bs, off = slot % bs;
       for (int64_t h = 0; h < num_kv_heads; ++h) {
-        StoreRow(dt, k.data<float>() + t * k.dim(1) + h * head_dim, head_dim,
-                 row(kc, block, h, off));
-        StoreRow(dt, v.data<float>() + t * v.dim(1) + h * head_dim, head_dim,
-                 row(vc, block, h, off));
+        cpu::StoreKvRow(dt, k.data<float>() + t * k.dim(1) + h * head_dim, head_dim, ks,
+                        row(kc, block, h, off));
+        cpu::StoreKvRow(dt, v.data<float>() + t * v.dim(1) + h * head_dim, head_dim, vs,
+                        row(vc, block, h, off));
       }
     }
     // 2) Causal attention per (token, head); token t sees positions 0..positions[t].
@@ -212,7 +223,7 @@ class CpuBackend : public Backend {
           const uint8_t* kr = row(kc, table[j / bs], kvh, j % bs);
           const float* kf = reinterpret_cast<const float*>(kr);
           if (dt != DType::kF32) {
-            cpu::ToFloat(Tensor(dt, {head_dim}, const_cast<uint8_t*>(kr), nullptr), kbuf.data());
+            cpu::LoadKvRow(dt, kr, head_dim, ks, kbuf.data());
             kf = kbuf.data();
           }
           scores[j] = cpu::Dot(qv, kf, head_dim) * scale;
@@ -228,7 +239,7 @@ class CpuBackend : public Backend {
           const uint8_t* vr = row(vc, table[j / bs], kvh, j % bs);
           const float* vf = reinterpret_cast<const float*>(vr);
           if (dt != DType::kF32) {
-            cpu::ToFloat(Tensor(dt, {head_dim}, const_cast<uint8_t*>(vr), nullptr), kbuf.data());
+            cpu::LoadKvRow(dt, vr, head_dim, vs, kbuf.data());
             vf = kbuf.data();
           }
           cpu::Axpy(scores[j], vf, acc.data(), head_dim);
@@ -262,6 +273,8 @@ class CpuBackend : public Backend {
  private:
   KvCacheSpec spec_;
   std::vector<Tensor> k_cache_, v_cache_;  // per layer: [blocks, kv_heads, block_size, D]
+  std::vector<float> k_scale_, v_scale_;   // [layers] fp8 KV scales (value = code * scale)
+  std::vector<bool> scales_pending_;       // [layers] compute scales at the next step
   const StepMetadata* meta_ = nullptr;
   std::vector<int32_t> token_seq_;  // [T] sequence index of each token
   std::vector<float> inv_freq_;

@@ -1,0 +1,56 @@
+// Full validation perplexity of the quantized fixtures through the CLI, against the val_ppl
+// of their reference.json (+/- 0.01). The FP8 model runs as its checkpoint says (W8A8 with
+// dynamic per-token activations), so it is held to the W8A8 reference.
+#include <cstdlib>
+#include <string>
+
+#include "gtest/gtest.h"
+#include "tests/cli_runner.h"
+#include "tests/test_support.h"
+
+namespace qshard {
+namespace {
+
+double LastPerplexity(const std::string& out) {
+  const std::string key = "perplexity: ";
+  size_t at = out.rfind(key);
+  if (at == std::string::npos) return -1;
+  return std::strtod(out.c_str() + at + key.size(), nullptr);
+}
+
+struct PplCase {
+  std::string model;
+  std::string reference;  // key in reference.json holding val_ppl
+};
+
+class QuantizedPplTest : public ::testing::TestWithParam<PplCase> {};
+
+TEST_P(QuantizedPplTest, MatchesReferencePerplexity) {
+  const std::string dir = ::qshard::testing::SharedModel(GetParam().model);
+  auto ref = ::qshard::testing::LoadReference(dir);
+  ASSERT_FALSE(ref.is_null());
+  const double want = ref[GetParam().reference]["val_ppl"].get<double>();
+  auto r = ::qshard::testing::RunQshard({"eval-ppl", "--model", dir, "--text",
+                                         ::qshard::testing::SharedDir() + "/data/kjv-val.txt",
+                                         "--device", "cpu"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const double got = LastPerplexity(r.out);
+  std::printf("[ %s: perplexity %.4f, reference %.4f ]\n", GetParam().model.c_str(), got, want);
+  EXPECT_NEAR(got, want, 0.01) << r.out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, QuantizedPplTest,
+                         ::testing::Values(PplCase{"kjv-llama-12m-gptq-4bit", "weight_only"},
+                                           PplCase{"kjv-llama-12m-awq-4bit", "weight_only"},
+                                           PplCase{"kjv-llama-12m-fp8-dynamic",
+                                                   "w8a8_dynamic_per_token"}),
+                         [](const ::testing::TestParamInfo<PplCase>& i) {
+                           std::string n = i.param.model;
+                           for (char& c : n) {
+                             if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
+                           }
+                           return n;
+                         });
+
+}  // namespace
+}  // namespace qshard
