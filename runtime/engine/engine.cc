@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "kv/memory_planner.h"
 #include "runtime/base/log.h"
 #include "runtime/base/status_macros.h"
 
@@ -82,7 +83,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   spec.dtype = ResolveKvCacheDType(options.kv_cache_dtype, auto_dtype);
   const int64_t budget =
       options.kv_cache_memory_bytes > 0 ? options.kv_cache_memory_bytes : (int64_t{512} << 20);
-  spec.num_blocks = budget / spec.BytesPerBlock();
+  spec.num_blocks = KvBlocksForBudget(spec, budget);  // the planner's arithmetic
   if (spec.num_blocks < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--kv-cache-memory-bytes ", budget, " is smaller than one KV block (",
