@@ -26,6 +26,7 @@ struct RopeConfig {
   double low_freq_factor = 1.0;
   double high_freq_factor = 4.0;
   int64_t original_max_position_embeddings = 8192;
+  bool operator==(const RopeConfig&) const = default;
 };
 
 struct ModelConfig {

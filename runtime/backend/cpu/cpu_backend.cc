@@ -140,9 +140,10 @@ class CpuBackend : public Backend {
   }
 
   void Rope(Tensor& q, Tensor& k, int64_t head_dim, const RopeConfig& rope) override {
-    if (inv_freq_.empty() || rope_head_dim_ != head_dim) {
+    if (inv_freq_.empty() || rope_head_dim_ != head_dim || !(rope_ == rope)) {
       inv_freq_ = RopeInvFrequencies(rope, head_dim);
       rope_head_dim_ = head_dim;
+      rope_ = rope;
     }
     const int64_t half = head_dim / 2;
     const int64_t T = q.dim(0);
@@ -279,6 +280,7 @@ class CpuBackend : public Backend {
   std::vector<int32_t> token_seq_;  // [T] sequence index of each token
   std::vector<float> inv_freq_;
   int64_t rope_head_dim_ = 0;
+  RopeConfig rope_;  // the config inv_freq_ was computed for
 };
 
 }  // namespace
