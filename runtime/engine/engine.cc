@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kv/memory_planner.h"
+#include "quant/kernel_selection.h"
 #include "runtime/base/log.h"
 #include "runtime/base/status_macros.h"
 
@@ -60,6 +61,24 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   QSHARD_ASSIGN_OR_RETURN(e->backend_, CreateBackend(options.device));
   QSHARD_ASSIGN_OR_RETURN(e->model_, LlamaModel::Load(options.model_dir, config, e->backend_.get()));
 
+  // The selection function decides (and explains) the linear kernel for this device.
+  {
+    const DeviceInfo device = DeviceInfo::Cpu();  // the CUDA model backend is not wired yet
+    auto choice = SelectKernel(device, e->model_->quantization(), options.quantization);
+    if (!choice.ok()) return choice.status();
+    if (choice->quantize_at_load) {
+      return absl::UnimplementedError(absl::StrCat(
+          "--quantization ", options.quantization,
+          ": quantizing a 16-bit checkpoint at load time is not implemented yet on ",
+          device.Name(), "; quantize it offline or drop the flag"));
+    }
+    if (!choice->warning.empty()) {
+      QSHARD_LOG(WARNING) << choice->warning;
+    }
+    QSHARD_LOG(INFO) << "kernel " << choice->kernel << " (" << e->model_->weight_summary().linear_kernel
+                     << "): " << choice->reason;
+    e->kernel_choice_ = *choice;
+  }
   e->max_model_len_ = options.max_model_len > 0 ? options.max_model_len
                                                 : config.max_position_embeddings;
   if (options.max_model_len > config.max_position_embeddings) {

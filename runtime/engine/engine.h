@@ -21,6 +21,7 @@
 #include "absl/status/statusor.h"
 #include "kv/block_allocator.h"
 #include "kv/kv_cache_spec.h"
+#include "quant/kernel_selection.h"
 #include "runtime/backend/backend.h"
 #include "runtime/engine/sampling.h"
 #include "runtime/model/llama_model.h"
@@ -41,6 +42,8 @@ struct EngineOptions {
   KvCacheDType kv_cache_dtype = KvCacheDType::kAuto;
   // fp8 KV caches without scales in the checkpoint: compute them from the first prefill.
   bool calculate_kv_scales = false;
+  // --quantization: auto | none | fp8 | int8 | gptq | awq | compressed-tensors.
+  std::string quantization = "auto";
   // Reuse the K/V of full blocks whose token prefix was seen before.
   bool enable_prefix_caching = true;
 };
@@ -101,6 +104,8 @@ class Engine {
   const KvCacheSpec& kv_cache_spec() const { return model_->kv_cache_spec(); }
   int64_t max_model_len() const { return max_model_len_; }
   EngineStats stats() const;
+  // The linear kernel chosen at load and why (see quant/kernel_selection.h).
+  const KernelChoice& kernel_choice() const { return kernel_choice_; }
 
  private:
   struct Sequence;
@@ -120,6 +125,7 @@ class Engine {
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<BlockAllocator> allocator_;
   int64_t max_model_len_ = 0;
+  KernelChoice kernel_choice_;
   std::map<std::string, std::unique_ptr<Sequence>> seqs_;
   std::deque<Sequence*> waiting_;   // FCFS; preempted sequences go back to the front
   std::vector<Sequence*> running_;  // in admission order

@@ -25,6 +25,7 @@ struct EngineFlags {
   int64_t max_num_batched_tokens = 2048;
   bool enable_prefix_caching = true;
   bool calculate_kv_scales = false;
+  std::string quantization = "auto";
   std::string log_level = "info";
 
   // with_batching: also the scheduler flags (serve).

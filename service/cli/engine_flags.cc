@@ -19,6 +19,9 @@ void EngineFlags::Register(FlagSet& flags, bool with_batching) {
   flags.AddInt("max-model-len", &max_model_len,
                "maximum context length, prompt + output (0: max_position_embeddings)");
   flags.AddInt("block-size", &block_size, "tokens per KV cache block");
+  flags.AddString("quantization", &quantization,
+                  "auto|none|fp8|int8|gptq|awq|compressed-tensors (auto: what the checkpoint "
+                  "holds)");
   flags.AddBool("calculate-kv-scales", &calculate_kv_scales,
                 "fp8 KV cache without checkpoint scales: derive them from the first prefill's "
                 "K/V absolute maximum (else 1.0)");
@@ -43,6 +46,7 @@ absl::StatusOr<EngineOptions> EngineFlags::ToOptions() const {
   o.block_size = block_size;
   o.enable_prefix_caching = enable_prefix_caching;
   o.calculate_kv_scales = calculate_kv_scales;
+  o.quantization = quantization;
   if (max_num_seqs < 1) return absl::InvalidArgumentError("--max-num-seqs must be >= 1");
   if (max_num_batched_tokens < 1) {
     return absl::InvalidArgumentError("--max-num-batched-tokens must be >= 1");
