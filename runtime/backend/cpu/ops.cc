@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "runtime/backend/cpu/simd_avx2.h"
 #include "runtime/base/half.h"
 #include "runtime/base/thread_pool.h"
 
@@ -52,16 +53,9 @@ void RowToFloatScalar(DType dt, const void* src, int64_t n, float* dst) {
 // ---------------------------------------------------------------------------
 // AVX2 / FMA kernels (compiled for that target, called only when the CPU has it).
 // ---------------------------------------------------------------------------
-#define QSHARD_AVX2 __attribute__((target("avx2,fma,f16c")))
-
-QSHARD_AVX2 inline __m256 LoadBf16x8(const uint16_t* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-QSHARD_AVX2 inline __m256 LoadF16x8(const uint16_t* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
+using simd::HSum;
+using simd::LoadBf16x8;
+using simd::LoadF16x8;
 
 template <DType kDt>
 QSHARD_AVX2 inline __m256 LoadW8(const void* base, int64_t i) {
@@ -85,17 +79,6 @@ inline float LoadW1(const void* base, int64_t i) {
   }
 }
 
-QSHARD_AVX2 inline float HSum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  __m128 hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  __m128 sh = _mm_movehdup_ps(lo);
-  lo = _mm_add_ps(lo, sh);
-  sh = _mm_movehl_ps(sh, lo);
-  lo = _mm_add_ss(lo, sh);
-  return _mm_cvtss_f32(lo);
-}
-
 QSHARD_AVX2 void RowToFloatAvx2(DType dt, const void* src, int64_t n, float* dst) {
   int64_t i = 0;
   if (dt == DType::kBF16) {
@@ -109,20 +92,7 @@ QSHARD_AVX2 void RowToFloatAvx2(DType dt, const void* src, int64_t n, float* dst
   }
 }
 
-QSHARD_AVX2 float DotAvx2(const float* a, const float* b, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  for (; i + 8 <= n; i += 8) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  }
-  float s = HSum(_mm256_add_ps(acc0, acc1));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
+QSHARD_AVX2 float DotAvx2(const float* a, const float* b, int64_t n) { return simd::Dot(a, b, n); }
 
 QSHARD_AVX2 void AxpyAvx2(float alpha, const float* x, float* y, int64_t n) {
   __m256 va = _mm256_set1_ps(alpha);

@@ -18,13 +18,14 @@
 #include "quant/gptq_format.h"
 #include "quant/int_quant_matrix.h"
 #include "runtime/backend/cpu/ops.h"
+#include "runtime/backend/cpu/simd_avx2.h"
 #include "runtime/base/status_macros.h"
 #include "runtime/base/thread_pool.h"
 
 namespace qshard::cpu {
 namespace {
 
-#define QSHARD_AVX2 __attribute__((target("avx2,fma,f16c")))
+using simd::HSum;
 
 constexpr int64_t kBlock = 32;       // inputs per code block (one 16-byte 4-bit load)
 constexpr int64_t kMaxChunk = 128;   // inputs per int32 accumulation / activation scale
@@ -44,31 +45,7 @@ class PanelSource {
   virtual void DequantRows(int64_t n0, int64_t count, float* panel) const = 0;
 };
 
-QSHARD_AVX2 inline float HSum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v);
-  __m128 hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  __m128 sh = _mm_movehdup_ps(lo);
-  lo = _mm_add_ps(lo, sh);
-  sh = _mm_movehl_ps(sh, lo);
-  lo = _mm_add_ss(lo, sh);
-  return _mm_cvtss_f32(lo);
-}
-
-QSHARD_AVX2 float DotF32(const float* a, const float* b, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  for (; i + 8 <= n; i += 8) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  }
-  float s = HSum(_mm256_add_ps(acc0, acc1));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
+QSHARD_AVX2 inline float DotF32(const float* a, const float* b, int64_t n) { return simd::Dot(a, b, n); }
 
 // out[r][c] = x[r, :] . w_c for 4 rows of x and 3 weight rows: 12 accumulators + 3 weight
 // loads + 1 x load fit the 16 ymm registers.
