@@ -104,6 +104,12 @@ ServerMetrics::ServerMetrics(const ServerMetricsOptions& options)
   // Every reason exists from the start, so rate() sees a 0 -> n step rather than a new
   // series appearing.
   for (const char* reason : {"stop", "length", "abort"}) success_->Add({{"finish_reason", reason}});
+  // Likewise the codes a Generate call commonly fails with, so error-ratio alerts and
+  // dashboards have a series (at 0) before the first failure.
+  for (const char* code : {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE",
+                           "DEADLINE_EXCEEDED", "CANCELLED", "INTERNAL"}) {
+    failure_->Add({{"code", code}});
+  }
 
   ttft_ = &BuildHistogram()
                .Name("qshard_time_to_first_token_seconds")
