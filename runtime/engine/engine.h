@@ -36,6 +36,9 @@ struct EngineOptions {
   int32_t max_num_batched_tokens = 2048;
   int64_t max_model_len = 0;    // 0: the model's max_position_embeddings
   int64_t block_size = 16;
+  // Fraction of device memory for weights + KV + workspace on a GPU (the planner sizes the
+  // KV pool from it); the CPU uses kv_cache_memory_bytes.
+  double gpu_memory_utilization = 0.9;
   // KV pool size; 0 picks a default (512 MiB on the CPU).
   int64_t kv_cache_memory_bytes = 0;
   // On the CPU "auto" means float32, matching the fp32 math of the reference.

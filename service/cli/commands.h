@@ -26,6 +26,7 @@ struct EngineFlags {
   bool enable_prefix_caching = true;
   bool calculate_kv_scales = false;
   std::string quantization = "auto";
+  double gpu_memory_utilization = 0.9;
   std::string log_level = "info";
 
   // with_batching: also the scheduler flags (serve).

@@ -16,6 +16,9 @@ void EngineFlags::Register(FlagSet& flags, bool with_batching) {
                   "CPU, the model dtype on a GPU)");
   flags.AddBytes("kv-cache-memory-bytes", &kv_cache_memory_bytes,
                  "memory for the paged KV cache, e.g. 512M (0: 512 MiB on the CPU)");
+  flags.AddDouble("gpu-memory-utilization", &gpu_memory_utilization,
+                  "fraction of GPU memory for weights + KV cache + workspace; sizes the KV pool "
+                  "on a GPU (the CPU uses --kv-cache-memory-bytes)");
   flags.AddInt("max-model-len", &max_model_len,
                "maximum context length, prompt + output (0: max_position_embeddings)");
   flags.AddInt("block-size", &block_size, "tokens per KV cache block");
@@ -47,6 +50,11 @@ absl::StatusOr<EngineOptions> EngineFlags::ToOptions() const {
   o.enable_prefix_caching = enable_prefix_caching;
   o.calculate_kv_scales = calculate_kv_scales;
   o.quantization = quantization;
+  if (!(gpu_memory_utilization > 0.0 && gpu_memory_utilization <= 1.0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--gpu-memory-utilization must be in (0, 1], got ", gpu_memory_utilization));
+  }
+  o.gpu_memory_utilization = gpu_memory_utilization;
   if (max_num_seqs < 1) return absl::InvalidArgumentError("--max-num-seqs must be >= 1");
   if (max_num_batched_tokens < 1) {
     return absl::InvalidArgumentError("--max-num-batched-tokens must be >= 1");
