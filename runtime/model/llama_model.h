@@ -76,6 +76,21 @@ class LlamaModel {
                                                          Backend* backend,
                                                          const ModelLoadOptions& options);
 
+  // Random weights of `shape` without a checkpoint, for benchmarks (`qshard bench
+  // --load-format dummy`). format: bf16, fp16, fp8 (compressed-tensors float-quantized,
+  // per-channel scales, dynamic per-token activations), int8 (compressed-tensors W8A8,
+  // per-channel), gptq-4bit (AutoGPTQ v1, g128 sym) or awq-4bit (AutoAWQ GEMM, g128). The
+  // decoder linears are drawn as N(0, 0.02) in fp32, rounded-to-nearest into the format's
+  // tensors and prepared through Backend::PrepareLinear like a checkpoint's; embeddings,
+  // norms and lm_head stay bf16. The same seed gives the same underlying fp32 weights for
+  // every format.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> CreateDummy(const ModelConfig& shape,
+                                                                 const std::string& format,
+                                                                 Backend* backend,
+                                                                 uint64_t seed);
+  // The formats CreateDummy accepts, in a stable order.
+  static std::vector<std::string> DummyFormats();
+
   const ModelConfig& config() const { return config_; }
   const WeightSummary& weight_summary() const { return summary_; }
   const QuantizationConfig& quantization() const { return quant_; }
@@ -110,6 +125,7 @@ class LlamaModel {
 
   LlamaModel(ModelConfig config, Backend* backend) : config_(std::move(config)), backend_(backend) {}
   absl::Status LoadWeights(const Checkpoint& ckpt, const ModelLoadOptions& options);
+  absl::Status BuildDummyWeights(const std::string& format, uint64_t seed);
 
   ModelConfig config_;
   QuantizationConfig quant_;

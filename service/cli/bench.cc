@@ -4,13 +4,23 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <numeric>
+#include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "kv/memory_planner.h"
+#include "kv/model_shapes.h"
 #include "runtime/backend/cpu/ops.h"
+#include "runtime/base/status_macros.h"
 #include "runtime/base/thread_pool.h"
 #include "runtime/model/llama_model.h"
 #include "service/cli/commands.h"
@@ -146,23 +156,124 @@ absl::StatusOr<std::pair<double, double>> MeasureTtft(Engine& engine, int64_t pr
   return std::make_pair(ttft[0], ttft[1]);
 }
 
+// A /proc/self/status field in bytes (VmRSS, VmHWM); 0 when unavailable.
+int64_t ProcStatusBytes(const char* field) {
+  std::FILE* f = std::fopen("/proc/self/status", "r");
+  if (f == nullptr) return 0;
+  char line[256];
+  int64_t kib = 0;
+  const size_t len = std::strlen(field);
+  while (std::fgets(line, sizeof(line), f) != nullptr) {
+    if (std::strncmp(line, field, len) == 0 && line[len] == ':') {
+      kib = std::strtoll(line + len + 1, nullptr, 10);
+      break;
+    }
+  }
+  std::fclose(f);
+  return kib * 1024;
+}
+int64_t ResidentBytes() { return ProcStatusBytes("VmRSS"); }
+int64_t PeakResidentBytes() { return ProcStatusBytes("VmHWM"); }
+
+// --load-format dummy: random weights of a known shape on the backend, and a KV cache just
+// large enough for the benchmark (or --kv-cache-memory-bytes when given).
+absl::StatusOr<std::pair<std::unique_ptr<Backend>, std::unique_ptr<LlamaModel>>>
+BuildDummyModel(const EngineOptions& options, const std::string& shape_name,
+                const std::string& format, uint64_t seed, int64_t prefill_tokens,
+                const std::vector<int64_t>& batches, int64_t decode_steps) {
+  QSHARD_ASSIGN_OR_RETURN(ModelConfig shape, ModelShapeByName(shape_name));
+  QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, CreateBackend(options.device));
+  QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model,
+                          LlamaModel::CreateDummy(shape, format, backend.get(), seed));
+  if (options.block_size <= 0 || options.block_size > 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--block-size must be in [1, 1024], got ", options.block_size));
+  }
+  KvCacheSpec spec;
+  spec.num_layers = shape.num_layers;
+  spec.num_kv_heads = shape.num_kv_heads;
+  spec.head_dim = shape.head_dim;
+  spec.block_size = options.block_size;
+  spec.dtype = ResolveKvCacheDType(
+      options.kv_cache_dtype, backend->device() == Device::kCpu ? DType::kF32 : shape.dtype);
+  const int64_t bs = spec.block_size;
+  int64_t needed = (prefill_tokens + bs - 1) / bs;
+  for (int64_t b : batches) needed = std::max(needed, b * ((16 + decode_steps + bs - 1) / bs));
+  spec.num_blocks = options.kv_cache_memory_bytes > 0
+                        ? KvBlocksForBudget(spec, options.kv_cache_memory_bytes)
+                        : needed;
+  QSHARD_RETURN_IF_ERROR(model->AllocateKvCache(spec));
+  if (spec.dtype == DType::kF8E4M3 || spec.dtype == DType::kF8E5M2) {
+    QSHARD_RETURN_IF_ERROR(model->ApplyKvScales(options.calculate_kv_scales));
+  }
+  return std::make_pair(std::move(backend), std::move(model));
+}
+
 }  // namespace
 
 int BenchMain(int argc, char** argv) {
   FlagSet flags("qshard bench",
                 "Measures prefill tokens/s for one prompt and decode tokens/s at several batch "
-                "sizes, with the scalar kernels and the memory roofline as baselines.");
+                "sizes, with the scalar kernels and the memory roofline as baselines. "
+                "--load-format dummy --shape NAME --dummy-format F benchmarks random weights "
+                "of a known model shape (e.g. tinyllama-1.1b) without a checkpoint.");
   EngineFlags ef;
+  ef.model_required = false;  // checked below: not needed with --load-format dummy
   ef.Register(flags, /*with_batching=*/false);
-  int64_t prefill_tokens = 256, decode_steps = 32, repeats = 3;
+  int64_t prefill_tokens = 256, decode_steps = 32, repeats = 3, seed = 0;
   std::string batches_text = "1,8";
+  std::string load_format = "auto", shape_name, dummy_format = "bf16";
   bool scalar_baseline = true;
   flags.AddInt("prefill-tokens", &prefill_tokens, "prompt length for the prefill benchmark");
   flags.AddString("batches", &batches_text, "comma-separated decode batch sizes");
   flags.AddInt("decode-steps", &decode_steps, "decode steps per batch size");
   flags.AddInt("repeats", &repeats, "prefill repetitions (best is reported)");
-  flags.AddBool("scalar-baseline", &scalar_baseline, "also run the portable scalar kernels");
+  flags.AddBool("scalar-baseline", &scalar_baseline,
+                "also run the portable scalar kernels (default: on for a checkpoint, off for "
+                "--load-format dummy)");
+  flags.AddString("load-format", &load_format,
+                  "auto (the checkpoint in --model) or dummy (random weights of --shape)");
+  flags.AddString("shape", &shape_name,
+                  absl::StrCat("model shape for --load-format dummy: ",
+                               absl::StrJoin(ModelShapeNames(), ", ")));
+  flags.AddString("dummy-format", &dummy_format,
+                  absl::StrCat("weight format for --load-format dummy: ",
+                               absl::StrJoin(LlamaModel::DummyFormats(), ", ")));
+  flags.AddInt("seed", &seed, "random seed of the dummy weights");
   if (absl::Status st = flags.Parse(argc, argv); !st.ok()) return ReportFlagError("bench", st);
+  const bool dummy = load_format == "dummy";
+  if (!dummy && load_format != "auto") {
+    return ReportFlagError("bench", absl::InvalidArgumentError(absl::StrCat(
+                                        "--load-format: unknown value '", load_format,
+                                        "'; expected auto or dummy")));
+  }
+  if (dummy && shape_name.empty()) {
+    return ReportFlagError("bench", absl::InvalidArgumentError(
+                                        "--load-format dummy needs --shape NAME (known: " +
+                                        absl::StrJoin(ModelShapeNames(), ", ") + ")"));
+  }
+  if (!dummy && ef.model.empty()) {
+    return ReportFlagError("bench", absl::InvalidArgumentError(
+                                        "missing required flag --model for qshard bench (or "
+                                        "--load-format dummy --shape NAME; see --help)"));
+  }
+  if (prefill_tokens < 1 || decode_steps < 1 || repeats < 1) {
+    return ReportFlagError("bench", absl::InvalidArgumentError(
+                                        "--prefill-tokens, --decode-steps and --repeats must "
+                                        "be >= 1"));
+  }
+  // The scalar kernels take minutes per token at 1B parameters: off for dummy shapes unless
+  // asked for explicitly.
+  if (dummy) {
+    bool explicit_scalar = false;
+    for (int i = 2; i < argc; ++i) {
+      const absl::string_view a = argv[i];
+      if (absl::StartsWith(a, "--scalar-baseline") || absl::StartsWith(a, "--no-scalar-baseline")) {
+        explicit_scalar = true;
+      }
+    }
+    if (!explicit_scalar) scalar_baseline = false;
+  }
   auto options = ef.ToOptions();
   if (!options.ok()) return ReportFlagError("bench", options.status());
   std::vector<int64_t> batches;
@@ -175,33 +286,75 @@ int BenchMain(int argc, char** argv) {
     batches.push_back(b);
   }
   options->max_model_len = std::max<int64_t>(prefill_tokens + 1, 16 + decode_steps + 1);
-  auto engine = Engine::Create(*options);
-  if (!engine.ok()) return ReportFlagError("bench", engine.status());
-  LlamaModel& model = (*engine)->model();
 
-  auto simd = RunBench(model, prefill_tokens, batches, decode_steps, repeats);
+  std::unique_ptr<Engine> engine;
+  std::unique_ptr<Backend> dummy_backend;
+  std::unique_ptr<LlamaModel> dummy_model;
+  LlamaModel* model = nullptr;
+  const auto load_start = Clock::now();
+  if (dummy) {
+    auto built = BuildDummyModel(*options, shape_name, dummy_format,
+                                 static_cast<uint64_t>(seed), prefill_tokens, batches,
+                                 decode_steps);
+    if (!built.ok()) return ReportFlagError("bench", built.status());
+    dummy_backend = std::move(built->first);
+    dummy_model = std::move(built->second);
+    model = dummy_model.get();
+  } else {
+    auto created = Engine::Create(*options);
+    if (!created.ok()) return ReportFlagError("bench", created.status());
+    engine = std::move(*created);
+    model = &engine->model();
+  }
+  const double load_seconds = Seconds(load_start);
+  const int64_t rss_after_load = ResidentBytes();
+
+  auto simd = RunBench(*model, prefill_tokens, batches, decode_steps, repeats);
   if (!simd.ok()) return ReportFlagError("bench", simd.status());
   BenchResult scalar;
   const bool had_simd = cpu::HasAvx2();
   if (scalar_baseline && had_simd) {
     cpu::SetSimdEnabled(false);
-    auto sr = RunBench(model, prefill_tokens, batches, std::min<int64_t>(decode_steps, 8), 1);
+    auto sr = RunBench(*model, prefill_tokens, batches, std::min<int64_t>(decode_steps, 8), 1);
     cpu::SetSimdEnabled(true);
     if (!sr.ok()) return ReportFlagError("bench", sr.status());
     scalar = *sr;
   }
-  auto ttft = MeasureTtft(**engine, prefill_tokens);
-  if (!ttft.ok()) return ReportFlagError("bench", ttft.status());
+  std::pair<double, double> ttft = {0, 0};
+  if (engine != nullptr) {
+    auto t = MeasureTtft(*engine, prefill_tokens);
+    if (!t.ok()) return ReportFlagError("bench", t.status());
+    ttft = *t;
+  }
+  const int64_t rss_peak = PeakResidentBytes();
   const double bw = MeasureReadBandwidth();
-  const double weight_bytes = static_cast<double>(model.weight_summary().total_bytes);
-  // Decode at batch B streams all linear weights once per step (the embedding table is
-  // gathered, not streamed, but it is small next to the rest for real models).
-  const double roofline_step = bw / weight_bytes;
+  const WeightSummary& ws = model->weight_summary();
+  const double weight_bytes = static_cast<double>(ws.total_bytes);
+  // Decode at batch B streams all linear weights once per step. The embedding table is
+  // gathered, not streamed: for dummy weights (bf16, untied) it is left out of the bytes
+  // per step; for checkpoints everything counts, as it is small next to the rest.
+  double streamed_bytes = weight_bytes;
+  if (dummy && !model->config().tie_word_embeddings) {
+    streamed_bytes -= static_cast<double>(model->config().vocab_size) *
+                      static_cast<double>(model->config().hidden_size) * 2.0;
+  }
+  const double roofline_step = bw / streamed_bytes;
 
-  std::printf("model: %s   backend: %s   threads: %d\n", options->model_dir.c_str(),
-              model.backend().name().c_str(), ThreadPool::Global().num_threads());
-  std::printf("weights: %.1f MiB   measured read bandwidth: %.1f GB/s\n\n",
-              weight_bytes / 1048576.0, bw / 1e9);
+  if (dummy) {
+    std::printf("model: dummy %s (%s weights, seed %lld)   backend: %s   threads: %d\n",
+                shape_name.c_str(), dummy_format.c_str(), static_cast<long long>(seed),
+                model->backend().name().c_str(), ThreadPool::Global().num_threads());
+  } else {
+    std::printf("model: %s   backend: %s   threads: %d\n", options->model_dir.c_str(),
+                model->backend().name().c_str(), ThreadPool::Global().num_threads());
+  }
+  std::printf("quantization: %s   linear kernel: %s   lm_head: %s\n",
+              ws.quantization.c_str(), ws.linear_kernel.c_str(), ws.lm_head_kernel.c_str());
+  std::printf("weights: %.1f MiB (%.1f MiB streamed per decode step)   load: %.1f s\n",
+              weight_bytes / 1048576.0, streamed_bytes / 1048576.0, load_seconds);
+  std::printf("resident memory: %.1f MiB after load, %.1f MiB peak   measured read bandwidth: "
+              "%.1f GB/s\n\n",
+              rss_after_load / 1048576.0, rss_peak / 1048576.0, bw / 1e9);
   std::printf("| %-22s | %12s | %12s | %8s | %14s | %10s |\n", "benchmark", "tokens/s",
               "scalar tok/s", "speedup", "roofline tok/s", "% roofline");
   std::printf("|------------------------|--------------|--------------|----------|----------------|------------|\n");
@@ -219,10 +372,19 @@ int BenchMain(int argc, char** argv) {
         simd->decode_tps[i], i < scalar.decode_tps.size() ? scalar.decode_tps[i] : 0,
         roofline_step * batches[i]);
   }
-  std::printf("\nTTFT, %lld-token prompt through the engine: cold %.2f ms, repeated %.2f ms "
-              "(%.1fx; prefix caching %s)\n",
-              static_cast<long long>(prefill_tokens), ttft->first * 1e3, ttft->second * 1e3,
-              ttft->first / ttft->second, options->enable_prefix_caching ? "on" : "off");
+  if (!batches.empty()) {
+    std::printf("\nweight streaming at decode batch %lld: %.1f GB/s (%.0f%% of the measured "
+                "read bandwidth)\n",
+                static_cast<long long>(batches[0]),
+                simd->decode_tps[0] / batches[0] * streamed_bytes / 1e9,
+                100 * simd->decode_tps[0] / batches[0] * streamed_bytes / bw);
+  }
+  if (engine != nullptr) {
+    std::printf("\nTTFT, %lld-token prompt through the engine: cold %.2f ms, repeated %.2f ms "
+                "(%.1fx; prefix caching %s)\n",
+                static_cast<long long>(prefill_tokens), ttft.first * 1e3, ttft.second * 1e3,
+                ttft.first / ttft.second, options->enable_prefix_caching ? "on" : "off");
+  }
   return 0;
 }
 

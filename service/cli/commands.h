@@ -28,6 +28,8 @@ struct EngineFlags {
   std::string quantization = "auto";
   double gpu_memory_utilization = 0.9;
   std::string log_level = "info";
+  // Whether Register marks --model required (bench: not with --load-format dummy).
+  bool model_required = true;
 
   // with_batching: also the scheduler flags (serve).
   void Register(FlagSet& flags, bool with_batching);

@@ -9,7 +9,7 @@ namespace qshard {
 
 void EngineFlags::Register(FlagSet& flags, bool with_batching) {
   flags.AddString("model", &model, "model directory (config.json, safetensors, tokenizer.model)",
-                  /*required=*/true);
+                  /*required=*/model_required);
   flags.AddString("device", &device, "cpu, cuda or auto");
   flags.AddString("kv-cache-dtype", &kv_cache_dtype,
                   "auto|float32|bfloat16|float16|fp8|fp8_e4m3|fp8_e5m2 (auto: float32 on the "
