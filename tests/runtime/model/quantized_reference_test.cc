@@ -37,6 +37,8 @@ struct Case {
   bool w8a8;
   double scalar_tolerance;  // the same bound for the portable (other summation order) path
 };
+// Short test names in ctest (otherwise gtest prints the struct's bytes).
+void PrintTo(const Case& c, std::ostream* os) { *os << c.model << " " << c.reference; }
 
 std::string Name(const ::testing::TestParamInfo<Case>& info) {
   std::string n = info.param.model + "_" + info.param.reference;

@@ -22,6 +22,8 @@ struct PplCase {
   std::string model;
   std::string reference;  // key in reference.json holding val_ppl
 };
+// Short test names in ctest (otherwise gtest prints the struct's bytes).
+void PrintTo(const PplCase& c, std::ostream* os) { *os << c.model; }
 
 class QuantizedPplTest : public ::testing::TestWithParam<PplCase> {};
 
