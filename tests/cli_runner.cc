@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 
@@ -23,6 +24,13 @@ std::string Slurp(const std::string& path) {
 }
 
 }  // namespace
+
+double LastPerplexity(const std::string& out) {
+  const std::string key = "perplexity: ";
+  size_t at = out.rfind(key);
+  if (at == std::string::npos) return -1;
+  return std::strtod(out.c_str() + at + key.size(), nullptr);
+}
 
 std::string QshardBinary() { return BinaryDir() + "/bin/qshard"; }
 

@@ -20,6 +20,8 @@ struct CliResult {
 std::string QshardBinary();
 // Runs `qshard args...` (no shell), with stdout/stderr captured.
 CliResult RunQshard(const std::vector<std::string>& args);
+// The value of the last "perplexity: X" line of `qshard eval-ppl` output, -1 when absent.
+double LastPerplexity(const std::string& out);
 
 }  // namespace qshard::testing
 

@@ -10,13 +10,6 @@
 namespace qshard {
 namespace {
 
-double LastPerplexity(const std::string& out) {
-  const std::string key = "perplexity: ";
-  size_t at = out.rfind(key);
-  if (at == std::string::npos) return -1;
-  return std::strtod(out.c_str() + at + key.size(), nullptr);
-}
-
 TEST(EvalPplTest, BaseModelMatchesReferencePerplexity) {
   auto ref = ::qshard::testing::LoadReference(::qshard::testing::SharedModel("kjv-llama-12m"));
   ASSERT_FALSE(ref.is_null());
@@ -30,7 +23,7 @@ TEST(EvalPplTest, BaseModelMatchesReferencePerplexity) {
   const std::string last = r.out.substr(r.out.rfind("perplexity: "));
   EXPECT_EQ(last.back(), '\n');
   EXPECT_EQ(last.size(), std::string("perplexity: 25.2820\n").size()) << last;
-  EXPECT_NEAR(LastPerplexity(r.out), want, 0.005) << r.out;
+  EXPECT_NEAR(::qshard::testing::LastPerplexity(r.out), want, 0.005) << r.out;
 }
 
 }  // namespace

@@ -14,8 +14,7 @@ double Ppl(const std::string& kv_dtype) {
        ::qshard::testing::SharedDir() + "/data/kjv-val.txt", "--device", "cpu",
        "--kv-cache-dtype", kv_dtype});
   EXPECT_EQ(r.exit_code, 0) << r.err;
-  size_t at = r.out.rfind("perplexity: ");
-  return at == std::string::npos ? -1 : std::strtod(r.out.c_str() + at + 12, nullptr);
+  return ::qshard::testing::LastPerplexity(r.out);
 }
 
 TEST(Fp8KvPplTest, E4M3WithinFiveHundredthsOfBase) {

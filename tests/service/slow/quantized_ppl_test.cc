@@ -11,13 +11,6 @@
 namespace qshard {
 namespace {
 
-double LastPerplexity(const std::string& out) {
-  const std::string key = "perplexity: ";
-  size_t at = out.rfind(key);
-  if (at == std::string::npos) return -1;
-  return std::strtod(out.c_str() + at + key.size(), nullptr);
-}
-
 struct PplCase {
   std::string model;
   std::string reference;  // key in reference.json holding val_ppl
@@ -36,7 +29,7 @@ TEST_P(QuantizedPplTest, MatchesReferencePerplexity) {
                                          ::qshard::testing::SharedDir() + "/data/kjv-val.txt",
                                          "--device", "cpu"});
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  const double got = LastPerplexity(r.out);
+  const double got = ::qshard::testing::LastPerplexity(r.out);
   std::printf("[ %s: perplexity %.4f, reference %.4f ]\n", GetParam().model.c_str(), got, want);
   EXPECT_NEAR(got, want, 0.01) << r.out;
 }
