@@ -72,18 +72,8 @@ TEST(ServiceHealthTest, DrainRefusesNewWorkAndAbortsWhatOutlivesTheTimeout) {
   auto stub = MakeStub(server->address());
 
   // One request that would run for seconds, one that finishes well within the timeout.
-  v1::GenerateRequest long_req = TextRequest("And God said", 900);
-  long_req.mutable_sampling()->set_ignore_eos(true);
-  std::atomic<bool> started{false};
-  StreamResult long_result, short_result;
-  std::thread long_thread([&] {
-    long_result =
-        Generate(*stub, long_req, nullptr,
-                 [&](const v1::GenerateResponse&, grpc::ClientContext*) { started = true; });
-  });
-  ASSERT_TRUE(WaitUntil(milliseconds(10000), [&] { return started.load(); }));
-  std::thread short_thread(
-      [&] { short_result = Generate(*stub, TextRequest("In the beginning", 30)); });
+  DrainStreams streams;
+  streams.Start(*stub);
   ASSERT_TRUE(
       WaitUntil(milliseconds(5000), [&] { return server->engine_loop()->stats().in_flight == 2; }));
 
@@ -100,16 +90,8 @@ TEST(ServiceHealthTest, DrainRefusesNewWorkAndAbortsWhatOutlivesTheTimeout) {
     EXPECT_TRUE(info.draining());
   }
 
-  short_thread.join();
-  long_thread.join();
   drain.join();
-  ASSERT_TRUE(short_result.status.ok()) << short_result.status.error_message();
-  ASSERT_TRUE(short_result.complete.has_value());
-  EXPECT_EQ(short_result.complete->finish_reason(), v1::FINISH_REASON_STOP);
-  ASSERT_TRUE(long_result.status.ok()) << long_result.status.error_message();
-  ASSERT_TRUE(long_result.complete.has_value());
-  EXPECT_EQ(long_result.complete->finish_reason(), v1::FINISH_REASON_ABORT);
-  EXPECT_GT(long_result.token_ids.size(), 0u);
+  streams.JoinAndExpectShortStoppedLongAborted();
 }
 
 // Waits for the completion queue to return `tag`; false when the operation failed.

@@ -16,6 +16,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <atomic>
 #include <thread>
 #include <vector>
 
@@ -184,6 +185,44 @@ inline bool WaitUntil(std::chrono::milliseconds timeout, const std::function<boo
   return true;
 }
 
+// The drain scenario's two streams: a long one (900 tokens, EOS ignored) that has produced its
+// first chunk when Start returns, and a short one (30 tokens) started right after.
+class DrainStreams {
+ public:
+  void Start(v1::Qshard::Stub& stub) {
+    v1::GenerateRequest long_req = TextRequest("And God said", 900);
+    long_req.mutable_sampling()->set_ignore_eos(true);
+    long_thread_ = std::thread([this, &stub, long_req] {
+      long_result_ = Generate(stub, long_req, nullptr,
+                              [this](const v1::GenerateResponse&, grpc::ClientContext*) {
+                                started_ = true;
+                              });
+    });
+    EXPECT_TRUE(WaitUntil(std::chrono::milliseconds(10000), [this] { return started_.load(); }));
+    short_thread_ =
+        std::thread([this, &stub] { short_result_ = Generate(stub, TextRequest("In the beginning", 30)); });
+  }
+  // Joins both and checks the drain outcome: the short one finished normally, the long one
+  // was cut at the shutdown timeout with finish_reason ABORT.
+  void JoinAndExpectShortStoppedLongAborted() {
+    short_thread_.join();
+    long_thread_.join();
+    ASSERT_TRUE(short_result_.status.ok()) << short_result_.status.error_message();
+    ASSERT_TRUE(short_result_.complete.has_value());
+    EXPECT_EQ(short_result_.complete->finish_reason(), v1::FINISH_REASON_STOP);
+    ASSERT_TRUE(long_result_.status.ok()) << long_result_.status.error_message();
+    ASSERT_TRUE(long_result_.complete.has_value());
+    EXPECT_EQ(long_result_.complete->finish_reason(), v1::FINISH_REASON_ABORT);
+    EXPECT_GT(long_result_.token_ids.size(), 0u);
+  }
+
+ private:
+  std::atomic<bool> started_{false};
+  std::thread long_thread_, short_thread_;
+  StreamResult long_result_, short_result_;
+};
+
 }  // namespace qshard::testing
+
 
 #endif  // QSHARD_TESTS_SERVICE_SERVER_SERVER_TEST_UTIL_H_

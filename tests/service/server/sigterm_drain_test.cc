@@ -133,18 +133,8 @@ TEST(ServiceSigtermTest, ServeDrainsAndExitsZero) {
   EXPECT_FALSE(HttpGet(serve.metrics_port(), "/metrics").empty());
 
   auto stub = MakeStub(addr);
-  v1::GenerateRequest long_req = TextRequest("And God said", 900);
-  long_req.mutable_sampling()->set_ignore_eos(true);
-  std::atomic<bool> started{false};
-  StreamResult long_result, short_result;
-  std::thread long_thread([&] {
-    long_result =
-        Generate(*stub, long_req, nullptr,
-                 [&](const v1::GenerateResponse&, grpc::ClientContext*) { started = true; });
-  });
-  ASSERT_TRUE(WaitUntil(milliseconds(10000), [&] { return started.load(); }));
-  std::thread short_thread(
-      [&] { short_result = Generate(*stub, TextRequest("In the beginning", 30)); });
+  DrainStreams streams;
+  streams.Start(*stub);
   // Both must be accepted before the signal, or the short one would be refused.
   ASSERT_TRUE(WaitUntil(milliseconds(5000), [&] {
     grpc::ClientContext ctx;
@@ -160,15 +150,8 @@ TEST(ServiceSigtermTest, ServeDrainsAndExitsZero) {
   StreamResult refused = Generate(*stub, TextRequest("And God said", 3));
   EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::UNAVAILABLE);
 
-  short_thread.join();
-  long_thread.join();
+  streams.JoinAndExpectShortStoppedLongAborted();
   EXPECT_EQ(serve.Wait(milliseconds(15000)), 0) << serve.err();
-  ASSERT_TRUE(short_result.status.ok()) << short_result.status.error_message();
-  ASSERT_TRUE(short_result.complete.has_value());
-  EXPECT_EQ(short_result.complete->finish_reason(), v1::FINISH_REASON_STOP);
-  ASSERT_TRUE(long_result.status.ok()) << long_result.status.error_message();
-  ASSERT_TRUE(long_result.complete.has_value());
-  EXPECT_EQ(long_result.complete->finish_reason(), v1::FINISH_REASON_ABORT);
   // JSON logs: one object per line.
   EXPECT_NE(serve.err().find("\"msg\""), std::string::npos) << serve.err();
 }
