@@ -27,6 +27,7 @@ const Command kCommands[] = {
     {"eval-ppl", qshard::EvalPplMain, "perplexity of a text file"},
     {"inspect", qshard::InspectMain, "describe a model directory"},
     {"bench", qshard::BenchMain, "prefill / decode throughput benchmark"},
+    {"quantize", qshard::QuantizeMain, "write a GPTQ / AWQ / RTN / FP8 / INT8 checkpoint"},
     {"plan", qshard::PlanMain, "memory plan: weights + KV cache + activations vs device memory"},
 };
 

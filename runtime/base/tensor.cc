@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "runtime/base/half.h"
 
 namespace qshard {
 
@@ -17,6 +18,27 @@ int64_t NumElements(const Shape& shape) {
 
 std::string ShapeToString(const Shape& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+std::vector<float> ToFloatVector(const Tensor& t) {
+  std::vector<float> out;
+  const int64_t n = t.numel();
+  switch (t.dtype()) {
+    case DType::kBF16:
+      out.resize(n);
+      for (int64_t i = 0; i < n; ++i) out[i] = Bf16ToF32(t.data<uint16_t>()[i]);
+      break;
+    case DType::kF16:
+      out.resize(n);
+      for (int64_t i = 0; i < n; ++i) out[i] = F16ToF32(t.data<uint16_t>()[i]);
+      break;
+    case DType::kF32:
+      out.assign(t.data<float>(), t.data<float>() + n);
+      break;
+    default:
+      break;
+  }
+  return out;
 }
 
 Tensor Tensor::Empty(DType dtype, Shape shape, bool zero) {

@@ -24,6 +24,10 @@ enum class Device : uint8_t { kCpu, kCuda };
 int64_t NumElements(const Shape& shape);
 std::string ShapeToString(const Shape& shape);  // "[384, 1024]"
 
+class Tensor;
+// The elements of a host bf16 / f16 / f32 tensor as fp32 (other dtypes: empty vector).
+std::vector<float> ToFloatVector(const Tensor& t);
+
 class Tensor {
  public:
   Tensor() = default;

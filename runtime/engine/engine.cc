@@ -59,26 +59,32 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   QSHARD_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(options.model_dir));
   QSHARD_ASSIGN_OR_RETURN(e->tokenizer_, LoadTokenizer(options.model_dir));
   QSHARD_ASSIGN_OR_RETURN(e->backend_, CreateBackend(options.device));
-  QSHARD_ASSIGN_OR_RETURN(e->model_, LlamaModel::Load(options.model_dir, config, e->backend_.get()));
 
-  // The selection function decides (and explains) the linear kernel for this device.
+  // The selection function decides (and explains) the linear kernel for this device from
+  // the checkpoint's quantization and --quantization, before any weight is read.
   {
     const DeviceInfo device = DeviceInfo::Cpu();  // the CUDA model backend is not wired yet
-    auto choice = SelectKernel(device, e->model_->quantization(), options.quantization);
+    QSHARD_ASSIGN_OR_RETURN(QuantizationConfig ckpt_quant,
+                            LoadQuantizationConfig(options.model_dir,
+                                                   config.quantization_config_json));
+    auto choice = SelectKernel(device, ckpt_quant, options.quantization);
     if (!choice.ok()) return choice.status();
-    if (choice->quantize_at_load) {
-      return absl::UnimplementedError(absl::StrCat(
-          "--quantization ", options.quantization,
-          ": quantizing a 16-bit checkpoint at load time is not implemented yet on ",
-          device.Name(), "; quantize it offline or drop the flag"));
-    }
     if (!choice->warning.empty()) {
       QSHARD_LOG(WARNING) << choice->warning;
     }
-    QSHARD_LOG(INFO) << "kernel " << choice->kernel << " (" << e->model_->weight_summary().linear_kernel
-                     << "): " << choice->reason;
     e->kernel_choice_ = *choice;
   }
+  ModelLoadOptions load;
+  load.weight_only_activations = options.weight_only_activations;
+  if (e->kernel_choice_.quantize_at_load) {
+    load.online_quantization =
+        e->kernel_choice_.method == "fp8" ? QuantMethod::kFp8 : QuantMethod::kInt8;
+  }
+  QSHARD_ASSIGN_OR_RETURN(e->model_,
+                          LlamaModel::Load(options.model_dir, config, e->backend_.get(), load));
+  QSHARD_LOG(INFO) << "Using " << e->kernel_choice_.kernel << " ("
+                   << e->model_->weight_summary().linear_kernel
+                   << "): " << e->kernel_choice_.reason;
   e->max_model_len_ = options.max_model_len > 0 ? options.max_model_len
                                                 : config.max_position_embeddings;
   if (options.max_model_len > config.max_position_embeddings) {

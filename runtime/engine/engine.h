@@ -47,6 +47,9 @@ struct EngineOptions {
   bool calculate_kv_scales = false;
   // --quantization: auto | none | fp8 | int8 | gptq | awq | compressed-tensors.
   std::string quantization = "auto";
+  // Run W8A8 checkpoints (and --quantization fp8|int8) weight-only: activations stay in
+  // float (--weight-only-activations).
+  bool weight_only_activations = false;
   // Reuse the K/V of full blocks whose token prefix was seen before.
   bool enable_prefix_caching = true;
 };

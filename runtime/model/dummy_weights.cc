@@ -9,17 +9,17 @@
 //   fp8          weight [N, K] e4m3fn, weight_scale f32 [N, 1] = amax(row) / 448
 //   int8         weight [N, K] int8, weight_scale f32 [N, 1] = amax(row) / 127
 //   gptq-4bit    AutoGPTQ v1: qweight i32 [K/8, N], qzeros i32 [G, N/8] (zero - 1 = 7),
-//                scales f16 [G, N] = 2 * amax / 15 (symmetric, zero 8), g128
+//                scales f16 [G, N] = 2 * amax / 15 (symmetric, zero 8), g_idx [K], g128
 //   awq-4bit     AutoAWQ GEMM: qweight i32 [K, N/8], qzeros i32 [G, N/8] (interleaved
 //                nibbles), scales f16 [G, N] = (max - min) / 15, g128
+// (the quantizers and packers of quant/quantize_weights.h; ranges include 0 as in GPTQ).
 #include <algorithm>
 #include <cmath>
 #include <functional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "quant/awq_format.h"
-#include "quant/fp8.h"
+#include "quant/quantize_weights.h"
 #include "runtime/base/half.h"
 #include "runtime/base/log.h"
 #include "runtime/base/status_macros.h"
@@ -58,99 +58,6 @@ void ParallelFor(int64_t n, int64_t min_chunk, const std::function<void(int64_t,
 void FillNormal(float* out, int64_t n, uint64_t key, float std) {
   ParallelFor(n, 1 << 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) out[i] = std * NormalFromBits(SplitMix64(key + i));
-  });
-}
-
-// Per-row symmetric int8 or fp8 (per-channel weight_scale [N, 1]).
-void QuantizePerChannel(const std::vector<float>& w, int64_t N, int64_t K, bool fp8,
-                        LinearWeights& lw) {
-  lw.weight = Tensor::Empty(fp8 ? DType::kF8E4M3 : DType::kI8, {N, K}, /*zero=*/false);
-  lw.weight_scale = Tensor::Empty(DType::kF32, {N, 1}, /*zero=*/false);
-  uint8_t* codes = lw.weight.data<uint8_t>();
-  float* scales = lw.weight_scale.data<float>();
-  ParallelFor(N, 16, [&](int64_t b, int64_t e) {
-    for (int64_t n = b; n < e; ++n) {
-      const float* row = w.data() + n * K;
-      float amax = 0.0f;
-      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
-      const float s = amax > 0.0f ? amax / (fp8 ? kE4M3Max : 127.0f) : 1.0f;
-      scales[n] = s;
-      if (fp8) {
-        QuantizeE4M3(row, K, 1.0f / s, codes + n * K);
-      } else {
-        int8_t* q = reinterpret_cast<int8_t*>(codes + n * K);
-        for (int64_t k = 0; k < K; ++k) {
-          q[k] = static_cast<int8_t>(std::clamp(std::lrintf(row[k] / s), -127L, 127L));
-        }
-      }
-    }
-  });
-}
-
-// AutoGPTQ v1, 4-bit, symmetric, groups of kGroupSize along K.
-void QuantizeGptq4(const std::vector<float>& w, int64_t N, int64_t K, LinearWeights& lw) {
-  const int64_t G = (K + kGroupSize - 1) / kGroupSize;
-  lw.qweight = Tensor::Empty(DType::kI32, {K / 8, N}, /*zero=*/true);
-  lw.qzeros = Tensor::Empty(DType::kI32, {G, N / 8}, /*zero=*/false);
-  lw.scales = Tensor::Empty(DType::kF16, {G, N}, /*zero=*/false);
-  uint32_t* qw = lw.qweight.data<uint32_t>();
-  uint32_t* qz = lw.qzeros.data<uint32_t>();
-  uint16_t* sc = lw.scales.data<uint16_t>();
-  for (int64_t i = 0; i < G * (N / 8); ++i) qz[i] = 0x77777777u;  // zero 8, stored minus one
-  ParallelFor(G, 1, [&](int64_t gb, int64_t ge) {
-    for (int64_t g = gb; g < ge; ++g) {
-      const int64_t k0 = g * kGroupSize, k1 = std::min(K, k0 + kGroupSize);
-      for (int64_t n = 0; n < N; ++n) {
-        const float* row = w.data() + n * K;
-        float amax = 0.0f;
-        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(row[k]));
-        const uint16_t s16 = F32ToF16(amax > 0.0f ? 2.0f * amax / 15.0f : 1.0f);
-        sc[g * N + n] = s16;
-        const float inv = 1.0f / F16ToF32(s16);
-        for (int64_t k = k0; k < k1; ++k) {
-          const uint32_t q =
-              static_cast<uint32_t>(std::clamp(std::lrintf(row[k] * inv) + 8L, 0L, 15L));
-          qw[(k / 8) * N + n] |= q << (4 * (k % 8));
-        }
-      }
-    }
-  });
-}
-
-// AutoAWQ GEMM, 4-bit with zero point, groups of kGroupSize along K.
-void QuantizeAwq4(const std::vector<float>& w, int64_t N, int64_t K, LinearWeights& lw) {
-  const int64_t G = (K + kGroupSize - 1) / kGroupSize;
-  lw.qweight = Tensor::Empty(DType::kI32, {K, N / 8}, /*zero=*/true);
-  lw.qzeros = Tensor::Empty(DType::kI32, {G, N / 8}, /*zero=*/true);
-  lw.scales = Tensor::Empty(DType::kF16, {G, N}, /*zero=*/false);
-  uint32_t* qw = lw.qweight.data<uint32_t>();
-  uint32_t* qz = lw.qzeros.data<uint32_t>();
-  uint16_t* sc = lw.scales.data<uint16_t>();
-  int nibble_of[8];  // column offset within a word -> nibble index
-  for (int i = 0; i < 8; ++i) nibble_of[kAwqOrder[i]] = i;
-  ParallelFor(G, 1, [&](int64_t gb, int64_t ge) {
-    for (int64_t g = gb; g < ge; ++g) {
-      const int64_t k0 = g * kGroupSize, k1 = std::min(K, k0 + kGroupSize);
-      for (int64_t n = 0; n < N; ++n) {
-        const float* row = w.data() + n * K;
-        float lo = 0.0f, hi = 0.0f;
-        for (int64_t k = k0; k < k1; ++k) {
-          lo = std::min(lo, row[k]);
-          hi = std::max(hi, row[k]);
-        }
-        const uint16_t s16 = F32ToF16(std::max(hi - lo, 1e-5f) / 15.0f);
-        sc[g * N + n] = s16;
-        const float s = F16ToF32(s16);
-        const long z = std::clamp(-std::lrintf(lo / s), 0L, 15L);
-        const int shift = 4 * nibble_of[n % 8];
-        qz[g * (N / 8) + n / 8] |= static_cast<uint32_t>(z) << shift;
-        for (int64_t k = k0; k < k1; ++k) {
-          const uint32_t q =
-              static_cast<uint32_t>(std::clamp(std::lrintf(row[k] / s) + z, 0L, 15L));
-          qw[k * (N / 8) + n / 8] |= q << shift;
-        }
-      }
-    }
   });
 }
 
@@ -280,36 +187,40 @@ absl::Status LlamaModel::BuildDummyWeights(const std::string& format, uint64_t s
     } else {
       scratch.resize(static_cast<size_t>(out * in));
       FillNormal(scratch.data(), out * in, key(next_tensor++), kWeightStd);
-      w.bits = qc.bits;
-      w.group_size = qc.group_size;
-      w.has_zero_point = !qc.sym;
       std::string label;
+      // The packers return a complete LinearWeights (group_size recovered from g_idx: -1
+      // when one group spans K); report the configured group size as before.
+      auto quantized = [&](absl::StatusOr<LinearWeights> q) -> absl::Status {
+        QSHARD_RETURN_IF_ERROR(q.status());
+        w = *std::move(q);
+        w.group_size = qc.group_size;
+        return absl::OkStatus();
+      };
       if (format == "fp8") {
-        w.format = WeightFormat::kFp8;
-        QuantizePerChannel(scratch, out, in, /*fp8=*/true, w);
-        w.act_quant = ActQuant::kFp8PerToken;
+        w = QuantizeFp8PerChannel(scratch.data(), out, in, name, /*dynamic_act=*/true);
         label = "fp8-e4m3";
       } else if (format == "int8") {
-        w.format = WeightFormat::kInt8;
-        QuantizePerChannel(scratch, out, in, /*fp8=*/false, w);
-        w.act_quant = ActQuant::kInt8PerToken;
+        w = QuantizeInt8PerChannel(scratch.data(), out, in, name, /*dynamic_act=*/true);
         label = "int8";
       } else if (format == "gptq-4bit") {
         if (in % 8 != 0 || out % 8 != 0) {
           return absl::InvalidArgumentError(
               absl::StrCat(name, ": gptq-4bit needs dimensions divisible by 8"));
         }
-        w.format = WeightFormat::kGptq;
-        w.gptq_zeros_minus_one = true;
-        QuantizeGptq4(scratch, out, in, w);
+        // AutoGPTQ v1, symmetric (zero 8, stored minus one), groups of kGroupSize along K.
+        const IntQuantMatrix m = QuantizeRtn(scratch.data(), out, in,
+                                             {.bits = 4, .group_size = kGroupSize, .sym = true});
+        QSHARD_RETURN_IF_ERROR(quantized(PackGptq(m, name, /*sym=*/true, /*v1=*/true)));
         label = "gptq-w4";
       } else {
         if (out % 8 != 0) {
           return absl::InvalidArgumentError(
               absl::StrCat(name, ": awq-4bit needs out_features divisible by 8"));
         }
-        w.format = WeightFormat::kAwq;
-        QuantizeAwq4(scratch, out, in, w);
+        // AutoAWQ GEMM, 4-bit with zero point, groups of kGroupSize along K.
+        const IntQuantMatrix m = QuantizeRtn(scratch.data(), out, in,
+                                             {.bits = 4, .group_size = kGroupSize, .sym = false});
+        QSHARD_RETURN_IF_ERROR(quantized(PackAwq(m, name)));
         label = "awq-w4";
       }
       for (const Tensor* t : {&w.weight, &w.qweight, &w.qzeros, &w.scales, &w.weight_scale}) {

@@ -7,6 +7,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "quant/quantize_weights.h"
 #include "runtime/base/half.h"
 #include "runtime/base/log.h"
 #include "runtime/base/status_macros.h"
@@ -122,6 +123,20 @@ absl::Status LlamaModel::LoadWeights(const Checkpoint& ckpt, const ModelLoadOpti
   const int64_t H = c.hidden_size, I = c.intermediate_size, D = c.head_dim;
   const int64_t q_out = c.num_heads * D, kv_out = c.num_kv_heads * D;
   TensorBinder bind(ckpt);
+  const bool online = options.online_quantization != QuantMethod::kNone;
+  if (online) {
+    if (options.online_quantization != QuantMethod::kFp8 &&
+        options.online_quantization != QuantMethod::kInt8) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("online quantization supports fp8 and int8, not ",
+                       std::string(QuantMethodName(options.online_quantization))));
+    }
+    if (qc.quantized()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--quantization ", std::string(QuantMethodName(options.online_quantization)),
+          " quantizes 16-bit checkpoints at load, but this one already holds ", qc.Describe()));
+    }
+  }
   summary_.quantization = qc.Describe();
 
   // format: the bytes_per_format key ("" = "dense <dtype>"); count_params: false for
@@ -267,6 +282,21 @@ absl::Status LlamaModel::LoadWeights(const Checkpoint& ckpt, const ModelLoadOpti
     w.out_features = out;
     if (is_quantized(prefix, optional_quant)) {
       QSHARD_RETURN_IF_ERROR(take_quantized(w));
+    } else if (online && !optional_quant && !qc.IsIgnored(prefix)) {
+      // --quantization fp8|int8 on a 16-bit checkpoint: per-channel weights now, dynamic
+      // per-token activations at run time (the layout of a compressed-tensors checkpoint).
+      QSHARD_ASSIGN_OR_RETURN(Tensor dense, bind.Take(prefix + ".weight", {out, in}));
+      const std::vector<float> f = ToFloatVector(dense);
+      const bool dynamic = !options.weight_only_activations;
+      w = options.online_quantization == QuantMethod::kFp8
+              ? QuantizeFp8PerChannel(f.data(), out, in, prefix, dynamic)
+              : QuantizeInt8PerChannel(f.data(), out, in, prefix, dynamic);
+      const std::string label = options.online_quantization == QuantMethod::kFp8
+                                    ? "fp8-e4m3 (quantized at load)"
+                                    : "int8 (quantized at load)";
+      account_as(w.weight, label, false);
+      account_as(w.weight_scale, label, false);
+      summary_.num_parameters += out * in;
     } else {
       QSHARD_ASSIGN_OR_RETURN(w.weight, bind.Take(prefix + ".weight", {out, in}));
       account(w.weight);
@@ -346,6 +376,23 @@ absl::Status LlamaModel::LoadWeights(const Checkpoint& ckpt, const ModelLoadOpti
     return absl::InvalidArgumentError(absl::StrCat(
         "checkpoint ", ckpt.dir(), ": unexpected tensor(s) for ", c.architecture, ": ",
         absl::StrJoin(unused, ", ")));
+  }
+  if (online) {
+    // What the model now runs, for logs, `qshard inspect` and the service's model info.
+    QuantizationConfig& eff = quant_;
+    eff.method = options.online_quantization;
+    eff.bits = 8;
+    eff.weight_is_float = options.online_quantization == QuantMethod::kFp8;
+    eff.weight_strategy = WeightStrategy::kChannel;
+    eff.activation = options.weight_only_activations ? ActivationScheme::kNone
+                                                     : ActivationScheme::kDynamicPerToken;
+    eff.activation_bits = options.weight_only_activations ? 16 : 8;
+    eff.activation_is_float = eff.weight_is_float && !options.weight_only_activations;
+    eff.ignore = {"lm_head"};
+    eff.source = absl::StrCat("--quantization ",
+                              std::string(QuantMethodName(options.online_quantization)),
+                              " (quantized at load)");
+    summary_.quantization = quant_.Describe();
   }
   summary_.linear_kernel = layers_.empty() ? lm_head_->kernel_name() : layers_[0].q_proj->kernel_name();
   summary_.lm_head_kernel = lm_head_->kernel_name();
@@ -462,6 +509,12 @@ absl::Status LlamaModel::Forward(absl::Span<const SequenceChunk> chunks,
   Tensor gate = b.Allocate(T, I);                     // [T, I]
   Tensor up = b.Allocate(T, I);                       // [T, I]
 
+  // Calibration passes of the offline quantizer observe the linear inputs.
+  const auto& observe = hooks_.on_linear_input;
+  auto observed = [&](int64_t l, LinearSlot slot, const Tensor& x) {
+    if (observe) observe(static_cast<int>(l), slot, x);
+  };
+
   b.Embedding(embed_tokens_, ids.data(), residual);
   for (int64_t l = 0; l < c.num_layers; ++l) {
     Layer& L = layers_[l];
@@ -470,17 +523,25 @@ absl::Status LlamaModel::Forward(absl::Span<const SequenceChunk> chunks,
     } else {
       b.AddRmsNorm(residual, delta, L.input_norm, eps, h);  // adds the previous MLP output
     }
+    observed(l, LinearSlot::kQkv, h);
     b.Linear(h, *L.q_proj, q);
     b.Linear(h, *L.k_proj, k);
     b.Linear(h, *L.v_proj, v);
     b.Rope(q, k, D, c.rope);
     b.Attention(static_cast<int>(l), q, k, v, c.num_heads, c.num_kv_heads, D, scale, attn);
+    observed(l, LinearSlot::kO, attn);
     b.Linear(attn, *L.o_proj, delta);
     b.AddRmsNorm(residual, delta, L.post_norm, eps, h);
+    observed(l, LinearSlot::kGateUp, h);
     b.Linear(h, *L.gate_proj, gate);
     b.Linear(h, *L.up_proj, up);
     b.SiluMul(gate, up, gate);
+    observed(l, LinearSlot::kDown, gate);
     b.Linear(gate, *L.down_proj, delta);
+    if (hooks_.stop_after_layer == l) {
+      logits->clear();
+      return absl::OkStatus();
+    }
   }
   b.Add(residual, delta);
 
@@ -495,6 +556,57 @@ absl::Status LlamaModel::Forward(absl::Span<const SequenceChunk> chunks,
   Tensor out = b.Allocate(R, c.vocab_size);
   b.Linear(normed, *lm_head_, out);
   return b.CopyToHost(out, logits->data());
+}
+
+}  // namespace qshard
+
+namespace qshard {
+
+absl::Status LlamaModel::ReplaceLinear(int layer, const std::string& proj,
+                                       std::unique_ptr<LinearOp> op) {
+  if (layer < 0 || layer >= static_cast<int>(layers_.size())) {
+    return absl::OutOfRangeError(
+        absl::StrCat("ReplaceLinear: layer ", layer, " not in [0, ", layers_.size(), ")"));
+  }
+  Layer& L = layers_[layer];
+  std::unique_ptr<LinearOp>* slot = nullptr;
+  if (proj == "q_proj") slot = &L.q_proj;
+  if (proj == "k_proj") slot = &L.k_proj;
+  if (proj == "v_proj") slot = &L.v_proj;
+  if (proj == "o_proj") slot = &L.o_proj;
+  if (proj == "gate_proj") slot = &L.gate_proj;
+  if (proj == "up_proj") slot = &L.up_proj;
+  if (proj == "down_proj") slot = &L.down_proj;
+  if (slot == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ReplaceLinear: unknown projection '", proj,
+        "' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj or down_proj)"));
+  }
+  if (op == nullptr || op->in_features() != (*slot)->in_features() ||
+      op->out_features() != (*slot)->out_features()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ReplaceLinear: layer ", layer, " ", proj, " is [", (*slot)->out_features(), ", ",
+        (*slot)->in_features(), "], the replacement is not"));
+  }
+  *slot = std::move(op);
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::ReplaceNorms(int layer, const Tensor& input_norm,
+                                      const Tensor& post_norm) {
+  if (layer < 0 || layer >= static_cast<int>(layers_.size())) {
+    return absl::OutOfRangeError(
+        absl::StrCat("ReplaceNorms: layer ", layer, " not in [0, ", layers_.size(), ")"));
+  }
+  const Shape want = {config_.hidden_size};
+  if (input_norm.shape() != want || post_norm.shape() != want) {
+    return absl::InvalidArgumentError(absl::StrCat("ReplaceNorms: layer ", layer,
+                                                   ": norm weights must be [",
+                                                   config_.hidden_size, "]"));
+  }
+  QSHARD_ASSIGN_OR_RETURN(layers_[layer].input_norm, backend_->UploadWeight(input_norm));
+  QSHARD_ASSIGN_OR_RETURN(layers_[layer].post_norm, backend_->UploadWeight(post_norm));
+  return absl::OkStatus();
 }
 
 }  // namespace qshard

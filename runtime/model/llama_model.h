@@ -12,6 +12,7 @@
 #define QSHARD_RUNTIME_MODEL_LLAMA_MODEL_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -59,6 +60,28 @@ struct ModelLoadOptions {
   // Run W8A8 checkpoints (fp8 / int8 with activation quantization) weight-only: the
   // activations stay fp32. Default: the checkpoint's activation scheme.
   bool weight_only_activations = false;
+  // Quantize the 16-bit decoder linears while loading (--quantization fp8|int8 on a bf16 /
+  // fp16 checkpoint): kFp8 = per-channel e4m3 weights, kInt8 = per-channel symmetric int8,
+  // both with dynamic per-token activation quantization (unless weight_only_activations).
+  // The lm_head and the embedding stay 16-bit. Only for unquantized checkpoints.
+  QuantMethod online_quantization = QuantMethod::kNone;
+};
+
+// The four distinct inputs of a decoder layer's linears (what a quantizer calibrates on).
+enum class LinearSlot {
+  kQkv,     // input_layernorm output [T, H] -> q_proj, k_proj, v_proj
+  kO,       // attention output [T, heads*D] -> o_proj
+  kGateUp,  // post_attention_layernorm output [T, H] -> gate_proj, up_proj
+  kDown,    // silu(gate) * up [T, I] -> down_proj
+};
+
+// Hooks for the offline quantizer's calibration passes.
+struct CalibrationHooks {
+  // Called during Forward with each decoder linear input of the layers in [0, stop]
+  // (x is an activation tensor of the backend: host fp32 on the CPU).
+  std::function<void(int layer, LinearSlot slot, const Tensor& x)> on_linear_input;
+  // >= 0: Forward stops after this layer and returns no logits (later layers are not run).
+  int stop_after_layer = -1;
 };
 
 class LlamaModel {
@@ -110,6 +133,16 @@ class LlamaModel {
   // token of a kAll chunk. logits receives [rows, vocab] fp32.
   absl::Status Forward(absl::Span<const SequenceChunk> chunks, std::vector<float>* logits);
 
+  // --- offline quantizer support -------------------------------------------------
+  // Installs (or, with a default-constructed value, removes) calibration hooks.
+  void SetCalibrationHooks(CalibrationHooks hooks) { hooks_ = std::move(hooks); }
+  // Replaces one decoder linear ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+  // "up_proj", "down_proj") of `layer` by an op prepared on this model's backend, e.g. its
+  // quantized version; the shape must match.
+  absl::Status ReplaceLinear(int layer, const std::string& proj, std::unique_ptr<LinearOp> op);
+  // Replaces the RMSNorm weights of a layer (AWQ folds its scales into them): host [H].
+  absl::Status ReplaceNorms(int layer, const Tensor& input_norm, const Tensor& post_norm);
+
  private:
   struct Layer {
     Tensor input_norm;   // [H]
@@ -137,6 +170,7 @@ class LlamaModel {
   WeightSummary summary_;
   StepMetadata meta_;                 // reused across steps
   std::vector<std::pair<float, float>> ckpt_kv_scales_;  // [layers] or empty
+  CalibrationHooks hooks_;
 };
 
 }  // namespace qshard

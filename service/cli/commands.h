@@ -26,6 +26,7 @@ struct EngineFlags {
   bool enable_prefix_caching = true;
   bool calculate_kv_scales = false;
   std::string quantization = "auto";
+  bool weight_only_activations = false;
   double gpu_memory_utilization = 0.9;
   std::string log_level = "info";
   // Whether Register marks --model required (bench: not with --load-format dummy).
@@ -46,6 +47,7 @@ int EvalPplMain(int argc, char** argv);
 int InspectMain(int argc, char** argv);
 int BenchMain(int argc, char** argv);
 int PlanMain(int argc, char** argv);
+int QuantizeMain(int argc, char** argv);
 
 }  // namespace qshard
 

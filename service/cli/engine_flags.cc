@@ -25,6 +25,9 @@ void EngineFlags::Register(FlagSet& flags, bool with_batching) {
   flags.AddString("quantization", &quantization,
                   "auto|none|fp8|int8|gptq|awq|compressed-tensors (auto: what the checkpoint "
                   "holds)");
+  flags.AddBool("weight-only-activations", &weight_only_activations,
+                "run W8A8 weights (fp8/int8 checkpoints, --quantization fp8|int8) without "
+                "quantizing the activations: slower, slightly more accurate");
   flags.AddBool("calculate-kv-scales", &calculate_kv_scales,
                 "fp8 KV cache without checkpoint scales: derive them from the first prefill's "
                 "K/V absolute maximum (else 1.0)");
@@ -50,6 +53,7 @@ absl::StatusOr<EngineOptions> EngineFlags::ToOptions() const {
   o.enable_prefix_caching = enable_prefix_caching;
   o.calculate_kv_scales = calculate_kv_scales;
   o.quantization = quantization;
+  o.weight_only_activations = weight_only_activations;
   if (!(gpu_memory_utilization > 0.0 && gpu_memory_utilization <= 1.0)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--gpu-memory-utilization must be in (0, 1], got ", gpu_memory_utilization));

@@ -3,6 +3,7 @@
 
 #include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
+#include "quant/kernel_selection.h"
 #include "runtime/backend/backend.h"
 #include "runtime/model/llama_model.h"
 #include "service/cli/commands.h"
@@ -66,6 +67,19 @@ int InspectMain(int argc, char** argv) {
   j["bytes_per_format"] = w.bytes_per_format;
   j["linear_kernel_cpu"] = w.linear_kernel;
   j["lm_head_kernel_cpu"] = w.lm_head_kernel;
+  // What the selection function picks for this checkpoint on each device class, so an
+  // operator sees before deploying which node pool runs it with which kernel.
+  const DeviceInfo devices[] = {DeviceInfo::Cpu(),      DeviceInfo::Cuda(75),
+                                DeviceInfo::Cuda(80),   DeviceInfo::Cuda(86),
+                                DeviceInfo::Cuda(89),   DeviceInfo::Cuda(90)};
+  nlohmann::json selection = nlohmann::json::object();
+  for (const DeviceInfo& d : devices) {
+    auto choice = SelectKernel(d, q, "auto");
+    selection[d.Name()] = choice.ok() ? nlohmann::json{{"kernel", choice->kernel},
+                                                       {"reason", choice->reason}}
+                                      : nlohmann::json{{"error", choice.status().message()}};
+  }
+  j["kernel_selection"] = selection;
   if (json) {
     std::printf("%s\n", j.dump(2).c_str());
     return 0;
@@ -103,6 +117,15 @@ int InspectMain(int argc, char** argv) {
   }
   std::printf("\nCPU linear kernel:    %s\n", w.linear_kernel.c_str());
   std::printf("CPU lm_head kernel:   %s\n", w.lm_head_kernel.c_str());
+  std::printf("kernel selection:\n");
+  for (const DeviceInfo& d : devices) {
+    const nlohmann::json& e = selection[d.Name()];
+    std::printf("  %-5s %s\n", d.Name().c_str(),
+                e.contains("kernel") ? (e["kernel"].get<std::string>() + ": " +
+                                        e["reason"].get<std::string>())
+                                           .c_str()
+                                     : ("unsupported: " + e["error"].get<std::string>()).c_str());
+  }
   return 0;
 }
 

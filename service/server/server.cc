@@ -16,7 +16,6 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
-#include "nlohmann/json.hpp"
 #include "runtime/base/log.h"
 
 namespace qshard {
@@ -34,16 +33,6 @@ bool WaitFor(double timeout_s, Cond cond) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   return true;
-}
-
-std::string QuantMethodName(const ModelConfig& config) {
-  if (config.quantization_config_json.empty()) return "none";
-  auto j = nlohmann::json::parse(config.quantization_config_json, nullptr,
-                                 /*allow_exceptions=*/false);
-  if (j.is_object() && j.contains("quant_method") && j["quant_method"].is_string()) {
-    return j["quant_method"].get<std::string>();
-  }
-  return "unknown";
 }
 
 std::string HostForClients(const std::string& host) {
@@ -68,8 +57,10 @@ v1::ModelInfo DescribeModel(Engine& engine, const std::string& model_dir) {
   info.set_vocab_size(static_cast<int32_t>(c.vocab_size));
   info.set_max_context_length(engine.max_model_len());
   info.set_dtype(std::string(DTypeName(c.dtype)));
-  info.set_quantization_method(QuantMethodName(c));
-  info.set_kernel(engine.model().weight_summary().linear_kernel);
+  // The selection function's answer: the effective method (an online --quantization fp8
+  // shows "fp8") and the stable kernel id, as in qshard_quant_kernel_info.
+  info.set_quantization_method(engine.kernel_choice().method);
+  info.set_kernel(engine.kernel_choice().kernel);
   info.set_kv_cache_dtype(std::string(DTypeName(kv.dtype)));
   info.set_block_size(static_cast<int32_t>(kv.block_size));
   info.set_num_blocks(kv.num_blocks);

@@ -36,12 +36,19 @@ struct Case {
   // another token only when ours is within `tolerance` of it (a near-tie).
   bool w8a8;
   double scalar_tolerance;  // the same bound for the portable (other summation order) path
+  // Online quantization (--quantization fp8|int8): load this 16-bit fixture and quantize
+  // it at load instead of loading `model`, whose reference it must then meet.
+  std::string load_model = "";
+  QuantMethod online = QuantMethod::kNone;
 };
 // Short test names in ctest (otherwise gtest prints the struct's bytes).
-void PrintTo(const Case& c, std::ostream* os) { *os << c.model << " " << c.reference; }
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << c.model << " " << c.reference << (c.load_model.empty() ? "" : " online");
+}
 
 std::string Name(const ::testing::TestParamInfo<Case>& info) {
-  std::string n = info.param.model + "_" + info.param.reference;
+  std::string n = info.param.model + "_" + info.param.reference +
+                  (info.param.load_model.empty() ? "" : "_online_from_" + info.param.load_model);
   for (char& ch : n) {
     if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
   }
@@ -56,14 +63,17 @@ class QuantizedReferenceTest : public ::testing::TestWithParam<Case> {
     ASSERT_FALSE(ref.is_null()) << "missing " << dir_ << "/reference.json";
     ASSERT_TRUE(ref.contains(GetParam().reference)) << GetParam().reference;
     ref_ = ref[GetParam().reference];
-    auto config = LoadModelConfig(dir_);
+    const std::string load_dir =
+        GetParam().load_model.empty() ? dir_ : SharedModel(GetParam().load_model);
+    auto config = LoadModelConfig(load_dir);
     ASSERT_TRUE(config.ok()) << config.status();
     auto backend = CreateBackend("cpu");
     ASSERT_TRUE(backend.ok()) << backend.status();
     backend_ = std::move(*backend);
     ModelLoadOptions options;
     options.weight_only_activations = GetParam().weight_only;
-    auto model = LlamaModel::Load(dir_, *config, backend_.get(), options);
+    options.online_quantization = GetParam().online;
+    auto model = LlamaModel::Load(load_dir, *config, backend_.get(), options);
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
     KvCacheSpec spec;
@@ -212,7 +222,17 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, QuantizedReferenceTest,
                                                 2e-3, "cpu-fp8-w8a16-channel-avx2", false, 2e-3},
                                            Case{"kjv-llama-12m-fp8-dynamic",
                                                 "w8a8_dynamic_per_token", false, 2e-2,
-                                                "cpu-fp8-w8a8-channel-avx2", true, 6e-2}),
+                                                "cpu-fp8-w8a8-channel-avx2", true, 6e-2},
+                                           // The fp8-dynamic fixture is the base model with
+                                           // per-channel amax/448 e4m3 weights: quantizing
+                                           // the base at load must reproduce its references.
+                                           Case{"kjv-llama-12m-fp8-dynamic", "weight_only", true,
+                                                2e-3, "cpu-fp8-w8a16-channel-avx2", false, 2e-3,
+                                                "kjv-llama-12m", QuantMethod::kFp8},
+                                           Case{"kjv-llama-12m-fp8-dynamic",
+                                                "w8a8_dynamic_per_token", false, 2e-2,
+                                                "cpu-fp8-w8a8-channel-avx2", true, 6e-2,
+                                                "kjv-llama-12m", QuantMethod::kFp8}),
                          Name);
 
 TEST(QuantizedEngineTest, TokenizerMatchesPromptIdsAndEngineGreedyMatches) {

@@ -192,5 +192,25 @@ TEST(ServiceMetricsCompatTest, NoneTurnsTheVllmNamesOff) {
   EXPECT_EQ(text.find("vllm:"), std::string::npos);
 }
 
+TEST(ServiceQuantKernelInfoTest, OnlineFp8ShowsTheSelectedKernelAndMethod) {
+  // --quantization fp8 on the bf16 model: quantized at load, and the info series, the model
+  // info and the selection function agree on what runs.
+  ServerOptions o = TestServerOptions();
+  o.engine.quantization = "fp8";
+  auto server = StartTestServer(o);
+  ASSERT_NE(server, nullptr);
+  const std::string text = HttpGet(server->metrics_port(), "/metrics");
+  EXPECT_EQ(MetricValue(text, "qshard_quant_kernel_info{device=\"cpu\",kernel=\"cpu-simd-fp8\","
+                              "method=\"fp8\"}"),
+            1.0)
+      << text;
+  auto stub = MakeStub(server->address());
+  grpc::ClientContext ctx;
+  v1::ModelInfo info;
+  ASSERT_TRUE(stub->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info).ok());
+  EXPECT_EQ(info.quantization_method(), "fp8");
+  EXPECT_EQ(info.kernel(), "cpu-simd-fp8");
+}
+
 }  // namespace
 }  // namespace qshard::testing
