@@ -32,7 +32,7 @@ class LinearOp {
   virtual ~LinearOp() = default;
   virtual int64_t in_features() const = 0;
   virtual int64_t out_features() const = 0;
-  // Name of the kernel that runs it, e.g. "cpu-dense-bf16-avx2".
+  // Name of the kernel that runs it, e.g. "cpu-dense-bfloat16-avx512".
   virtual std::string kernel_name() const = 0;
   // Bytes of weight memory it holds or reads (packed size for quantized formats).
   virtual int64_t weight_bytes() const = 0;

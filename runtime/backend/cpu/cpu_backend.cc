@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "quant/fp8.h"
+#include "runtime/backend/cpu/isa.h"
 #include "runtime/backend/cpu/kv_rows.h"
 #include "runtime/backend/cpu/ops.h"
 #include "runtime/backend/cpu/quant_linear.h"
@@ -25,7 +26,7 @@ class CpuDenseLinear : public LinearOp {
   int64_t out_features() const override { return w_.out_features; }
   std::string kernel_name() const override {
     return absl::StrCat("cpu-dense-", std::string(DTypeName(w_.weight.dtype())),
-                        cpu::HasAvx2() ? "-avx2" : "-scalar");
+                        "-", cpu::IsaName(cpu::ActiveIsa()));
   }
   int64_t weight_bytes() const override {
     return static_cast<int64_t>(w_.weight.nbytes() + (w_.bias.empty() ? 0 : w_.bias.nbytes()));
@@ -40,8 +41,12 @@ class CpuBackend : public Backend {
  public:
   Device device() const override { return Device::kCpu; }
   std::string name() const override {
-    return absl::StrCat("cpu (", ThreadPool::Global().num_threads(), " threads, ",
-                        cpu::HasAvx2() ? "avx2+fma" : "scalar", ")");
+    const cpu::Isa isa = cpu::ActiveIsa();
+    const char* simd = isa == cpu::Isa::kAvx512
+                           ? (cpu::CpuHasAvx512Vnni() ? "avx512+vnni" : "avx512")
+                       : isa == cpu::Isa::kAvx2 ? "avx2+fma"
+                                                : "scalar";
+    return absl::StrCat("cpu (", ThreadPool::Global().num_threads(), " threads, ", simd, ")");
   }
   DType activation_dtype() const override { return DType::kF32; }
 
@@ -205,21 +210,32 @@ class CpuBackend : public Backend {
                         row(vc, block, h, off));
       }
     }
-    // 2) Causal attention per (token, head); token t sees positions 0..positions[t].
+    // 2) Causal attention per (token, KV head); token t sees positions 0..positions[t].
+    // The `group` query heads that share a KV head are handled together: each K / V row is
+    // loaded (and converted from the cache dtype) once for all of them, and the dot
+    // products / updates run group-wide (DotRows / AxpyRows) instead of one call per
+    // (head, position).
+    // With too few (token, KV head) items to keep every thread busy (decode with one or
+    // two KV heads), each item takes a single query head instead.
     const int64_t group = num_heads / num_kv_heads;
-    ThreadPool::Global().ParallelFor(T * num_heads, [&](int64_t begin, int64_t end) {
+    const int64_t per_item = T * num_kv_heads >= 2 * ThreadPool::Global().num_threads() ? group : 1;
+    const int64_t items_per_token = num_heads / per_item;
+    ThreadPool::Global().ParallelFor(T * items_per_token, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> scores, kbuf, acc;
+      thread_local std::vector<double> denom;
       kbuf.resize(head_dim);
-      acc.resize(head_dim);
+      acc.resize(per_item * head_dim);
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t t = item / num_heads, h = item % num_heads;
-        const int64_t kvh = h / group;
+        const int64_t t = item / items_per_token;
+        const int64_t h0 = (item % items_per_token) * per_item;  // first query head
+        const int64_t kvh = h0 / group;
         const int32_t s = token_seq_[t];
-        const int32_t* table = m.block_tables.data() + static_cast<int64_t>(s) * m.max_blocks_per_seq;
+        const int32_t* table =
+            m.block_tables.data() + static_cast<int64_t>(s) * m.max_blocks_per_seq;
         const int64_t len = m.positions[t] + 1;
-        const float* qv = q.data<float>() + t * q.dim(1) + h * head_dim;
-        scores.resize(len);
-        float max_score = -std::numeric_limits<float>::infinity();
+        // q rows [per_item, head_dim] of heads h0 .. h0 + per_item - 1.
+        const float* qg = q.data<float>() + t * q.dim(1) + h0 * head_dim;
+        scores.resize(len * per_item);  // [len, per_item]
         for (int64_t j = 0; j < len; ++j) {
           const uint8_t* kr = row(kc, table[j / bs], kvh, j % bs);
           const float* kf = reinterpret_cast<const float*>(kr);
@@ -227,13 +243,18 @@ class CpuBackend : public Backend {
             cpu::LoadKvRow(dt, kr, head_dim, ks, kbuf.data());
             kf = kbuf.data();
           }
-          scores[j] = cpu::Dot(qv, kf, head_dim) * scale;
-          max_score = std::max(max_score, scores[j]);
+          cpu::DotRows(qg, per_item, kf, head_dim, scale, scores.data() + j * per_item);
         }
-        double denom = 0.0;
-        for (int64_t j = 0; j < len; ++j) {
-          scores[j] = std::exp(scores[j] - max_score);
-          denom += scores[j];
+        denom.assign(per_item, 0.0);
+        for (int64_t g = 0; g < per_item; ++g) {
+          float max_score = -std::numeric_limits<float>::infinity();
+          for (int64_t j = 0; j < len; ++j)
+            max_score = std::max(max_score, scores[j * per_item + g]);
+          for (int64_t j = 0; j < len; ++j) {
+            float& sc = scores[j * per_item + g];
+            sc = std::exp(sc - max_score);
+            denom[g] += sc;
+          }
         }
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (int64_t j = 0; j < len; ++j) {
@@ -243,11 +264,13 @@ class CpuBackend : public Backend {
             cpu::LoadKvRow(dt, vr, head_dim, vs, kbuf.data());
             vf = kbuf.data();
           }
-          cpu::Axpy(scores[j], vf, acc.data(), head_dim);
+          cpu::AxpyRows(scores.data() + j * per_item, 1, vf, per_item, head_dim, acc.data());
         }
-        float* o = out.data<float>() + t * out.dim(1) + h * head_dim;
-        const float inv = static_cast<float>(1.0 / denom);
-        for (int64_t d = 0; d < head_dim; ++d) o[d] = acc[d] * inv;
+        for (int64_t g = 0; g < per_item; ++g) {
+          float* o = out.data<float>() + t * out.dim(1) + (h0 + g) * head_dim;
+          const float inv = static_cast<float>(1.0 / denom[g]);
+          for (int64_t d = 0; d < head_dim; ++d) o[d] = acc[g * head_dim + d] * inv;
+        }
       }
     });
   }

@@ -1,7 +1,8 @@
 // File: ops.h
 // CPU reference-and-production ops. Activations are fp32; weights may be bf16/f16/f32
-// (read in place, never copied to fp32). Inner loops use AVX2/FMA when the CPU has them
-// (runtime dispatch) and are threaded over the global ThreadPool.
+// (read in place, never copied to fp32 except in the GEMM's cache-sized panels). Inner
+// loops use AVX2/FMA or AVX-512 when the CPU has them (runtime dispatch, isa.h) and are
+// threaded over the global ThreadPool. Linear with > 4 rows runs the packed GEMM (gemm.h).
 //
 // Shapes are written [rows, cols], row-major.
 #ifndef QSHARD_RUNTIME_BACKEND_CPU_OPS_H_
@@ -13,7 +14,8 @@
 
 namespace qshard::cpu {
 
-// Whether AVX2 + FMA kernels are in use (false forces the portable path in tests).
+// Whether SIMD kernels (AVX2 + FMA, or AVX-512) are in use. SetSimdEnabled(false) forces
+// the portable path (tests); true restores the default ISA (isa.h: SetIsa picks one).
 bool HasAvx2();
 void SetSimdEnabled(bool enabled);
 
@@ -40,6 +42,14 @@ void ToFloat(const Tensor& t, float* out);
 float Dot(const float* a, const float* b, int64_t n);
 // y[n] += alpha * x[n] (SIMD).
 void Axpy(float alpha, const float* x, float* y, int64_t n);
+
+// Grouped-query attention helpers: the query heads that share one K/V head are contiguous
+// rows q[rows, d], so one K or V row is loaded once for all of them.
+// out[r] = q[r, :] . k[:] * scale, each dot summed like Dot (same rounding).
+void DotRows(const float* q, int64_t rows, const float* k, int64_t d, float scale, float* out);
+// acc[r, :] += p[r * p_stride] * v[:] for r < rows.
+void AxpyRows(const float* p, int64_t p_stride, const float* v, int64_t rows, int64_t d,
+              float* acc);
 
 }  // namespace qshard::cpu
 

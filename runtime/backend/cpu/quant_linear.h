@@ -11,9 +11,12 @@
 // FP8 weights are used in place from the checkpoint ([N, K] e4m3 bytes).
 //
 // Decode (<= 4 rows) quantizes each activation chunk to int16 with its own scale (relative
-// error ~1.5e-5 of the chunk's largest value) and multiplies codes with AVX2 pmaddwd;
-// prefill dequantizes panels of 8 output features into fp32 once per block of rows and
-// runs an fp32 FMA microkernel. The scalar fallback is exact fp32 for every m.
+// error ~1.5e-5 of the chunk's largest value) and multiplies codes with AVX2 pmaddwd or
+// AVX-512 VNNI vpdpwssd; int8 W8A8 activations are exact int8 codes (vpdpbusd on AVX-512
+// VNNI). Prefill (> 4 rows) runs the packed fp32 GEMM of gemm.h, which dequantizes each
+// block of W into fp32 panels once per call. The scalar fallback is exact fp32 for every m.
+// The ISA is chosen at run time (isa.h; QSHARD_CPU_ISA caps it); kernel names end in the
+// ISA in use ("-avx512", "-avx2", "-scalar").
 //
 //   auto op = cpu::PrepareQuantLinear(weights);           // weights.format != kDense
 //   static_cast<const cpu::CpuQuantLinear&>(**op).Run(x, m, y);

@@ -1,8 +1,9 @@
 // CPU quantized linear kernels (runtime/backend/cpu/quant_linear) against a double-precision
 // product with the dequantized weights: every integer path (4/8-bit, group sizes, act-order
 // permutation, padding of K, bias, int8 W8A8) and every fp8 scale / activation scheme, for
-// decode (m <= 4, int16-activation pmaddwd kernel) and prefill (m > 4, fp32 panel GEMM)
-// sizes, with AVX2 and with the portable path.
+// decode (m <= 4, int16-activation pmaddwd / AVX-512 VNNI kernels) and prefill (m > 4,
+// packed fp32 GEMM) sizes, on every ISA path the CPU has (scalar, AVX2, AVX-512; a missing
+// one is skipped).
 #include "runtime/backend/cpu/quant_linear.h"
 
 #include <cmath>
@@ -12,6 +13,7 @@
 #include "gtest/gtest.h"
 #include "quant/fp8.h"
 #include "quant/gptq_format.h"
+#include "runtime/backend/cpu/isa.h"
 #include "runtime/backend/cpu/ops.h"
 #include "runtime/base/half.h"
 
@@ -81,14 +83,20 @@ std::vector<float> RunOp(const LinearWeights& w, const std::vector<float>& x, in
   return y;
 }
 
-class SimdParam : public ::testing::TestWithParam<bool> {
+class SimdParam : public ::testing::TestWithParam<cpu::Isa> {
  protected:
-  // The decode kernel (AVX2, m <= 4) rounds each activation chunk of <= 128 inputs to int16
+  bool Simd() const { return GetParam() != cpu::Isa::kScalar; }
+  // The decode kernels (SIMD, m <= 4) round each activation chunk of <= 128 inputs to int16
   // with the chunk's own scale: error <= 0.5 / 32767 of the chunk's largest |x|, so a 25-sigma
   // outlier costs ~1e-4 of the output range. Everything else is fp32 (~1e-6).
-  double Bound(int64_t m) const { return GetParam() && m <= 4 ? 3e-4 : 1e-5; }
-  void SetUp() override { cpu::SetSimdEnabled(GetParam()); }
-  void TearDown() override { cpu::SetSimdEnabled(true); }
+  double Bound(int64_t m) const { return Simd() && m <= 4 ? 3e-4 : 1e-5; }
+  void SetUp() override {
+    if (!cpu::CpuSupportsIsa(GetParam())) {
+      GTEST_SKIP() << "this CPU lacks " << cpu::IsaName(GetParam());
+    }
+    ASSERT_TRUE(cpu::SetIsa(GetParam()));
+  }
+  void TearDown() override { cpu::SetIsa(cpu::DefaultIsa()); }
 };
 
 TEST_P(SimdParam, GptqVariantsMatchDoubleReference) {
@@ -98,11 +106,14 @@ TEST_P(SimdParam, GptqVariantsMatchDoubleReference) {
     int64_t group;
     bool desc_act, bias;
   };
-  for (const V& v : {V{256, 48, 4, 128, false, false}, V{256, 40, 4, 32, false, true},
-                     V{384, 24, 4, 64, true, false}, V{512, 16, 4, -1, false, false},
-                     V{200, 24, 4, 128, false, true},  // K not a multiple of 32: padding
-                     V{256, 32, 8, 128, false, false}, V{320, 8, 8, -1, true, true}}) {
-    for (int64_t m : {1, 3, 4, 5, 17}) {
+  for (const V& v :
+       {V{256, 48, 4, 128, false, false}, V{256, 40, 4, 32, false, true},
+        V{384, 24, 4, 64, true, false}, V{512, 16, 4, -1, false, false},
+        V{200, 24, 4, 128, false, true},  // K not a multiple of 32: padding
+        V{600, 40, 4, 128, false, true},  // > 2 GEMM K blocks, N not a tile multiple
+        V{328, 72, 4, 32, true, false},   // g32 chunks, act-order, N not a tile multiple
+        V{256, 32, 8, 128, false, false}, V{320, 8, 8, -1, true, true}}) {
+    for (int64_t m : {1, 2, 3, 4, 5, 17, 64}) {
       SCOPED_TRACE(::testing::Message()
                    << "K " << v.K << " N " << v.N << " bits " << v.bits << " group " << v.group
                    << " desc_act " << v.desc_act << " m " << m);
@@ -125,41 +136,43 @@ TEST_P(SimdParam, GptqVariantsMatchDoubleReference) {
 }
 
 TEST_P(SimdParam, Int8W8A8MatchesQuantizedActivationReference) {
-  const int64_t K = 256, N = 24;
-  std::mt19937 rng(3);
-  LinearWeights w;
-  w.name = "test.int8";
-  w.format = WeightFormat::kInt8;
-  w.in_features = K;
-  w.out_features = N;
-  w.weight = Tensor::Empty(DType::kI8, {N, K});
-  w.weight_scale = Tensor::Empty(DType::kF32, {N, 1});
-  for (int64_t i = 0; i < N * K; ++i)
-    w.weight.data<int8_t>()[i] = static_cast<int8_t>(rng() % 255 - 127);
-  for (int64_t n = 0; n < N; ++n) w.weight_scale.data<float>()[n] = 1e-3f * (1 + n % 5);
-  for (bool w8a8 : {false, true}) {
-    w.act_quant = w8a8 ? ActQuant::kInt8PerToken : ActQuant::kNone;
-    for (int64_t m : {1, 4, 9}) {
-      std::vector<float> x = RandomX(m, K, 5);
-      std::vector<double> ref(m * N);
-      for (int64_t r = 0; r < m; ++r) {
-        std::vector<double> xq(x.begin() + r * K, x.begin() + (r + 1) * K);
-        if (w8a8) {
-          double amax = 0;
-          for (double v : xq) amax = std::max(amax, std::abs(v));
-          const float s = static_cast<float>(amax) / 127.0f;
-          for (double& v : xq) v = std::nearbyint(static_cast<float>(v) / s) * s;
-        }
-        for (int64_t n = 0; n < N; ++n) {
-          double acc = 0;
-          for (int64_t k = 0; k < K; ++k) {
-            acc += xq[k] * w.weight.data<int8_t>()[n * K + k] * w.weight_scale.data<float>()[n];
+  for (const auto& [K, N] : {std::pair<int64_t, int64_t>{256, 24}, {200, 37}, {608, 70}}) {
+    SCOPED_TRACE(::testing::Message() << "K " << K << " N " << N);
+    std::mt19937 rng(3);
+    LinearWeights w;
+    w.name = "test.int8";
+    w.format = WeightFormat::kInt8;
+    w.in_features = K;
+    w.out_features = N;
+    w.weight = Tensor::Empty(DType::kI8, {N, K});
+    w.weight_scale = Tensor::Empty(DType::kF32, {N, 1});
+    for (int64_t i = 0; i < N * K; ++i)
+      w.weight.data<int8_t>()[i] = static_cast<int8_t>(rng() % 255 - 127);
+    for (int64_t n = 0; n < N; ++n) w.weight_scale.data<float>()[n] = 1e-3f * (1 + n % 5);
+    for (bool w8a8 : {false, true}) {
+      w.act_quant = w8a8 ? ActQuant::kInt8PerToken : ActQuant::kNone;
+      for (int64_t m : {1, 2, 3, 4, 5, 9, 17, 64}) {
+        std::vector<float> x = RandomX(m, K, 5);
+        std::vector<double> ref(m * N);
+        for (int64_t r = 0; r < m; ++r) {
+          std::vector<double> xq(x.begin() + r * K, x.begin() + (r + 1) * K);
+          if (w8a8) {
+            double amax = 0;
+            for (double v : xq) amax = std::max(amax, std::abs(v));
+            const float s = static_cast<float>(amax) / 127.0f;
+            for (double& v : xq) v = std::nearbyint(static_cast<float>(v) / s) * s;
           }
-          ref[r * N + n] = acc;
+          for (int64_t n = 0; n < N; ++n) {
+            double acc = 0;
+            for (int64_t k = 0; k < K; ++k) {
+              acc += xq[k] * w.weight.data<int8_t>()[n * K + k] * w.weight_scale.data<float>()[n];
+            }
+            ref[r * N + n] = acc;
+          }
         }
+        EXPECT_LT(RelErr(RunOp(w, x, m), ref), w8a8 ? 1e-5 : Bound(m))
+            << "w8a8 " << w8a8 << " m " << m;
       }
-      EXPECT_LT(RelErr(RunOp(w, x, m), ref), w8a8 ? 1e-5 : Bound(m))
-          << "w8a8 " << w8a8 << " m " << m;
     }
   }
 }
@@ -200,7 +213,7 @@ TEST_P(SimdParam, Fp8ScalesAndActivationSchemes) {
       w.input_scale = Tensor::Empty(DType::kF32, {1});
       w.input_scale.data<float>()[0] = 0.05f;
     }
-    for (int64_t m : {1, 2, 6}) {
+    for (int64_t m : {1, 2, 5, 17, 64}) {
       SCOPED_TRACE(::testing::Message() << v.name << " m " << m);
       std::vector<float> x = RandomX(m, K, 12);
       std::vector<double> ref(m * N);
@@ -234,7 +247,8 @@ TEST(QuantLinearTest, KernelNamesAndPackedBytes) {
   LinearWeights w = RandomGptq(256, 64, 4, 128, false, false, 1);
   auto op = cpu::PrepareQuantLinear(w);
   ASSERT_TRUE(op.ok()) << op.status();
-  const std::string suffix = cpu::HasAvx2() ? "-avx2" : "-scalar";
+  // The suffix names the ISA the kernels run with now ("-avx512", "-avx2", "-scalar").
+  const std::string suffix = std::string("-") + cpu::IsaName(cpu::ActiveIsa());
   EXPECT_EQ((*op)->kernel_name(), "cpu-gptq-w4g128" + suffix);
   // Codes 4 bits + fp32 scale and scale*zero per 128 inputs: near the packed size.
   const int64_t packed = w.qweight.nbytes() + w.qzeros.nbytes() + w.scales.nbytes();
@@ -248,9 +262,10 @@ TEST(QuantLinearTest, KernelNamesAndPackedBytes) {
       << err.status();
 }
 
-INSTANTIATE_TEST_SUITE_P(Simd, SimdParam, ::testing::Values(true, false),
-                         [](const ::testing::TestParamInfo<bool>& i) {
-                           return i.param ? "avx2" : "scalar";
+INSTANTIATE_TEST_SUITE_P(Simd, SimdParam,
+                         ::testing::Values(cpu::Isa::kAvx512, cpu::Isa::kAvx2, cpu::Isa::kScalar),
+                         [](const ::testing::TestParamInfo<cpu::Isa>& i) {
+                           return std::string(cpu::IsaName(i.param));
                          });
 
 }  // namespace

@@ -11,6 +11,7 @@
 
 #include "gtest/gtest.h"
 #include "runtime/backend/backend.h"
+#include "runtime/backend/cpu/isa.h"
 #include "runtime/backend/cpu/ops.h"
 #include "runtime/engine/engine.h"
 #include "runtime/model/llama_model.h"
@@ -27,7 +28,7 @@ struct Case {
   std::string reference;  // key in reference.json
   bool weight_only;       // ModelLoadOptions::weight_only_activations
   double tolerance;       // max |logit - reference| over the top 10
-  std::string kernel;     // expected decoder linear kernel (AVX2 build)
+  std::string kernel;     // expected decoder linear kernel, without the "-<isa>" suffix
   // W8A8: rounding activations to e4m3 amplifies fp32 summation-order noise (a value near a
   // rounding boundary flips by one e4m3 step, 6% of that value, and the flips cascade), so
   // two correct implementations differ by ~1e-2..5e-2 in single logits: our AVX2 and scalar
@@ -135,9 +136,8 @@ class QuantizedReferenceTest : public ::testing::TestWithParam<Case> {
 
 TEST_P(QuantizedReferenceTest, KernelAndQuantizationAreReported) {
   const WeightSummary& s = model_->weight_summary();
-  if (cpu::HasAvx2()) {
-    EXPECT_EQ(s.linear_kernel, GetParam().kernel);
-  }
+  EXPECT_EQ(s.linear_kernel,
+            GetParam().kernel + "-" + cpu::IsaName(cpu::ActiveIsa()));
   EXPECT_NE(s.quantization, "none");
   // The lm_head of every fixture is unquantized.
   EXPECT_EQ(s.lm_head_kernel.find("cpu-dense-"), 0u) << s.lm_head_kernel;
@@ -215,23 +215,23 @@ TEST_P(QuantizedReferenceTest, ScalarKernelsMatchReferenceToo) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, QuantizedReferenceTest,
                          ::testing::Values(Case{"kjv-llama-12m-gptq-4bit", "weight_only", false,
-                                                2e-3, "cpu-gptq-w4g128-avx2", false, 2e-3},
+                                                2e-3, "cpu-gptq-w4g128", false, 2e-3},
                                            Case{"kjv-llama-12m-awq-4bit", "weight_only", false,
-                                                2e-3, "cpu-awq-w4g128-avx2", false, 2e-3},
+                                                2e-3, "cpu-awq-w4g128", false, 2e-3},
                                            Case{"kjv-llama-12m-fp8-dynamic", "weight_only", true,
-                                                2e-3, "cpu-fp8-w8a16-channel-avx2", false, 2e-3},
+                                                2e-3, "cpu-fp8-w8a16-channel", false, 2e-3},
                                            Case{"kjv-llama-12m-fp8-dynamic",
                                                 "w8a8_dynamic_per_token", false, 2e-2,
-                                                "cpu-fp8-w8a8-channel-avx2", true, 6e-2},
+                                                "cpu-fp8-w8a8-channel", true, 6e-2},
                                            // The fp8-dynamic fixture is the base model with
                                            // per-channel amax/448 e4m3 weights: quantizing
                                            // the base at load must reproduce its references.
                                            Case{"kjv-llama-12m-fp8-dynamic", "weight_only", true,
-                                                2e-3, "cpu-fp8-w8a16-channel-avx2", false, 2e-3,
+                                                2e-3, "cpu-fp8-w8a16-channel", false, 2e-3,
                                                 "kjv-llama-12m", QuantMethod::kFp8},
                                            Case{"kjv-llama-12m-fp8-dynamic",
                                                 "w8a8_dynamic_per_token", false, 2e-2,
-                                                "cpu-fp8-w8a8-channel-avx2", true, 6e-2,
+                                                "cpu-fp8-w8a8-channel", true, 6e-2,
                                                 "kjv-llama-12m", QuantMethod::kFp8}),
                          Name);
 
