@@ -403,15 +403,11 @@ std::vector<std::pair<std::string, Tensor>> CheckpointTensors(const LinearWeight
   };
   switch (w.format) {
     case WeightFormat::kGptq:
+    case WeightFormat::kAwq:  // same names; AWQ has no g_idx (empty: skipped)
       add(".qweight", w.qweight);
       add(".qzeros", w.qzeros);
       add(".scales", w.scales);
       add(".g_idx", w.g_idx);
-      break;
-    case WeightFormat::kAwq:
-      add(".qweight", w.qweight);
-      add(".qzeros", w.qzeros);
-      add(".scales", w.scales);
       break;
     case WeightFormat::kPacked:
       add(".weight_packed", w.qweight);

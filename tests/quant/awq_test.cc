@@ -9,6 +9,7 @@
 
 #include "gtest/gtest.h"
 #include "quant/quantize_weights.h"
+#include "tests/quant/quant_test_util.h"
 
 namespace qshard {
 namespace {
@@ -29,13 +30,7 @@ std::vector<float> OutlierInputs(int64_t T, int64_t K, uint32_t seed) {
   return x;
 }
 
-std::vector<float> RandomWeights(int64_t n, int64_t k, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, 0.02f);
-  std::vector<float> w(static_cast<size_t>(n * k));
-  for (float& v : w) v = d(rng);
-  return w;
-}
+using ::qshard::testing::RandomWeights;
 
 // mean over T x N outputs of (x W^T - (x / s) Q(W diag(s))^T)^2, computed directly.
 double DirectLoss(const std::vector<float>& x, int64_t T, int64_t K, const std::vector<float>& w,

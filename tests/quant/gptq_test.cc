@@ -17,6 +17,7 @@
 #include "quant/fp8.h"
 #include "quant/gptq_format.h"
 #include "quant/quantize_weights.h"
+#include "tests/quant/quant_test_util.h"
 #include "runtime/base/half.h"
 
 namespace qshard {
@@ -52,13 +53,7 @@ std::vector<float> CorrelatedInputs(int64_t T, int64_t K, uint32_t seed) {
   return x;
 }
 
-std::vector<float> RandomWeights(int64_t n, int64_t k, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> d(0.0f, 0.02f);
-  std::vector<float> w(static_cast<size_t>(n * k));
-  for (float& v : w) v = d(rng);
-  return w;
-}
+using ::qshard::testing::RandomWeights;
 
 // ||X W^T - X Q^T||_F^2 in double.
 double OutputError(const std::vector<float>& x, int64_t T, int64_t K, const std::vector<float>& w,
