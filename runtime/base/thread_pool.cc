@@ -3,8 +3,25 @@
 #include <algorithm>
 #include <cstdlib>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 namespace qshard {
 namespace {
+
+// Spin iterations (with a pause each, ~30-100 ns) before sleeping: long enough to cover the
+// gap between two ParallelFor calls of one forward step, short enough that an idle pool
+// stops using CPU within a fraction of a millisecond.
+constexpr int kSpinIterations = 4000;
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
 
 void RunPart(const std::function<void(int64_t, int64_t)>& fn, int64_t n, int parts, int index) {
   int64_t begin = n * index / parts;
@@ -23,7 +40,7 @@ ThreadPool::ThreadPool(int num_threads) : num_threads_(std::max(1, num_threads))
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
+    stop_.store(true, std::memory_order_release);
   }
   cv_.notify_all();
   for (auto& t : workers_) t.join();
@@ -51,40 +68,53 @@ void ThreadPool::ParallelFor(int64_t n, const std::function<void(int64_t, int64_
     return;
   }
   std::lock_guard<std::mutex> run_lock(run_mu_);
+  task_.store(&fn, std::memory_order_relaxed);
+  task_n_.store(n, std::memory_order_relaxed);
+  task_parts_.store(parts, std::memory_order_relaxed);
+  pending_.store(num_threads_ - 1, std::memory_order_relaxed);
   {
+    // Under mu_ so that a worker between its predicate check and its wait cannot miss it.
     std::lock_guard<std::mutex> lock(mu_);
-    task_ = &fn;
-    task_n_ = n;
-    task_parts_ = parts;
-    pending_ = parts - 1;
-    ++generation_;
+    generation_.fetch_add(1, std::memory_order_release);
   }
   cv_.notify_all();
   RunPart(fn, n, parts, 0);
+  for (int i = 0; i < kSpinIterations; ++i) {
+    if (pending_.load(std::memory_order_acquire) == 0) return;
+    CpuRelax();
+  }
   std::unique_lock<std::mutex> lock(mu_);
-  done_cv_.wait(lock, [this] { return pending_ == 0; });
-  task_ = nullptr;
+  done_cv_.wait(lock, [this] { return pending_.load(std::memory_order_acquire) == 0; });
 }
 
 void ThreadPool::WorkerLoop(int index) {
   uint64_t seen = 0;
   while (true) {
-    const std::function<void(int64_t, int64_t)>* task;
-    int64_t n;
-    int parts;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
-      task = task_;
-      n = task_n_;
-      parts = task_parts_;
+    bool fresh = false;
+    for (int i = 0; i < kSpinIterations && !fresh; ++i) {
+      fresh = generation_.load(std::memory_order_acquire) != seen ||
+              stop_.load(std::memory_order_acquire);
+      if (!fresh) CpuRelax();
     }
-    if (index < parts) {
-      RunPart(*task, n, parts, index);
+    if (!fresh) {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] {
+        return stop_.load(std::memory_order_acquire) ||
+               generation_.load(std::memory_order_acquire) != seen;
+      });
+    }
+    if (stop_.load(std::memory_order_acquire)) return;
+    // Every worker acknowledges every task (pending_ counts all of them), so the caller
+    // cannot publish the next task while any worker still reads this one.
+    seen = generation_.load(std::memory_order_acquire);
+    const std::function<void(int64_t, int64_t)>* task = task_.load(std::memory_order_relaxed);
+    const int64_t n = task_n_.load(std::memory_order_relaxed);
+    const int parts = task_parts_.load(std::memory_order_relaxed);
+    if (index < parts) RunPart(*task, n, parts, index);
+    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      // The caller may be asleep on done_cv_ (after its spin): wake it under mu_.
       std::lock_guard<std::mutex> lock(mu_);
-      if (--pending_ == 0) done_cv_.notify_all();
+      done_cv_.notify_all();
     }
   }
 }

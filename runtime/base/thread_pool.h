@@ -1,11 +1,18 @@
 // File: thread_pool.h
 // A fixed pool of worker threads for data-parallel CPU kernels.
 //
+// A decode step issues a few hundred short ParallelFor calls (every linear, attention, norm
+// of every layer), so the hand-off is what costs: workers spin briefly on an atomic
+// generation counter before sleeping on a condition variable, and the caller spins briefly
+// on the pending count before sleeping, which avoids a futex wake / wait pair per call while
+// the model is running, and keeps idle workers asleep otherwise.
+//
 //   ThreadPool& pool = ThreadPool::Global();
 //   pool.ParallelFor(n, [&](int64_t begin, int64_t end) { ... });
 #ifndef QSHARD_RUNTIME_BASE_THREAD_POOL_H_
 #define QSHARD_RUNTIME_BASE_THREAD_POOL_H_
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -38,15 +45,18 @@ class ThreadPool {
 
   int num_threads_;
   std::vector<std::thread> workers_;
-  std::mutex mu_;
+  std::mutex mu_;  // guards the sleeping side of the hand-off (cv_, done_cv_)
   std::condition_variable cv_;
   std::condition_variable done_cv_;
-  const std::function<void(int64_t, int64_t)>* task_ = nullptr;
-  int64_t task_n_ = 0;
-  int task_parts_ = 0;
-  uint64_t generation_ = 0;
-  int pending_ = 0;
-  bool stop_ = false;
+  // The current task; written by the caller before generation_ is bumped (release), read by
+  // workers after they see the new generation (acquire); stable until every worker has
+  // acknowledged it (pending_ reaches 0).
+  std::atomic<const std::function<void(int64_t, int64_t)>*> task_{nullptr};
+  std::atomic<int64_t> task_n_{0};
+  std::atomic<int> task_parts_{0};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};  // workers that have not yet acknowledged the current task
+  std::atomic<bool> stop_{false};
   std::mutex run_mu_;  // one ParallelFor at a time
 };
 

@@ -7,7 +7,6 @@
 #include <fstream>
 #include <map>
 #include <memory>
-#include <random>
 #include <set>
 
 #include "absl/strings/match.h"
@@ -260,7 +259,6 @@ absl::Status Quantizer::Install(int layer, const ProjSpec& p, LinearWeights pack
 
 // rtn, fp8, int8: no calibration, every linear on its own.
 absl::Status Quantizer::QuantizeLayerRtnLike(int layer) {
-  const ModelConfig& c = config_;
   for (const ProjSpec& p : kProjs) {
     const std::string name = absl::StrCat("model.layers.", layer, ".", p.module);
     const Shape shape = ckpt_->Find(name + ".weight") != nullptr
@@ -283,7 +281,6 @@ absl::Status Quantizer::QuantizeLayerRtnLike(int layer) {
     }
     QSHARD_RETURN_IF_ERROR(Install(layer, p, std::move(packed)));
   }
-  (void)c;
   return absl::OkStatus();
 }
 
