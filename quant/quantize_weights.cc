@@ -16,6 +16,30 @@ using quant_internal::ParallelRange;
 
 namespace {
 
+// The common header of every packed LinearWeights.
+LinearWeights NewLinear(const std::string& name, int64_t N, int64_t K, WeightFormat format,
+                        int bits, int64_t group_size, bool has_zero_point) {
+  LinearWeights lw;
+  lw.name = name;
+  lw.in_features = K;
+  lw.out_features = N;
+  lw.format = format;
+  lw.bits = bits;
+  lw.group_size = group_size;
+  lw.has_zero_point = has_zero_point;
+  return lw;
+}
+
+// Per-channel 8-bit layout: weight [N, K] (e4m3fn or int8) and weight_scale f32 [N, 1],
+// allocated, not filled.
+LinearWeights NewPerChannel8Bit(const std::string& name, int64_t N, int64_t K, bool fp8) {
+  LinearWeights lw = NewLinear(name, N, K, fp8 ? WeightFormat::kFp8 : WeightFormat::kInt8, 8,
+                               -1, /*has_zero_point=*/false);
+  lw.weight = Tensor::Empty(fp8 ? DType::kF8E4M3 : DType::kI8, {N, K}, /*zero=*/false);
+  lw.weight_scale = Tensor::Empty(DType::kF32, {N, 1}, /*zero=*/false);
+  return lw;
+}
+
 constexpr float kF16Max = 65504.0f;
 constexpr float kF16MinSubnormal = 5.9604645e-8f;  // 2^-24
 
@@ -211,15 +235,8 @@ absl::StatusOr<LinearWeights> PackGptq(const IntQuantMatrix& m, const std::strin
   auto scales = ScalesF16(m, name);
   if (!scales.ok()) return scales.status();
 
-  LinearWeights w;
-  w.name = name;
-  w.in_features = K;
-  w.out_features = N;
-  w.format = WeightFormat::kGptq;
-  w.bits = bits;
-  w.group_size = *gs;
+  LinearWeights w = NewLinear(name, N, K, WeightFormat::kGptq, bits, *gs, !sym);
   w.gptq_zeros_minus_one = v1;
-  w.has_zero_point = !sym;
   w.scales = *std::move(scales);
   // qweight word (r, n) holds codes[n, r*per_word + j] at bits [bits*j, bits*j + bits).
   w.qweight = Tensor::Empty(DType::kI32, {K / per_word, N}, /*zero=*/false);
@@ -274,14 +291,7 @@ absl::StatusOr<LinearWeights> PackAwq(const IntQuantMatrix& m, const std::string
   auto scales = ScalesF16(m, name);
   if (!scales.ok()) return scales.status();
 
-  LinearWeights w;
-  w.name = name;
-  w.in_features = K;
-  w.out_features = N;
-  w.format = WeightFormat::kAwq;
-  w.bits = 4;
-  w.group_size = *gs;
-  w.has_zero_point = true;
+  LinearWeights w = NewLinear(name, N, K, WeightFormat::kAwq, 4, *gs, /*has_zero_point=*/true);
   w.gptq_zeros_minus_one = false;
   w.scales = *std::move(scales);
   int shift_of[8];  // column offset within a word -> bit offset of its nibble
@@ -319,16 +329,7 @@ namespace {
 // Per-row symmetric 8-bit (fp8 e4m3fn or int8) with weight_scale [N, 1].
 LinearWeights QuantizePerChannel(const float* w, int64_t N, int64_t K, const std::string& name,
                                  bool fp8) {
-  LinearWeights lw;
-  lw.name = name;
-  lw.in_features = K;
-  lw.out_features = N;
-  lw.format = fp8 ? WeightFormat::kFp8 : WeightFormat::kInt8;
-  lw.bits = 8;
-  lw.group_size = -1;
-  lw.has_zero_point = false;
-  lw.weight = Tensor::Empty(fp8 ? DType::kF8E4M3 : DType::kI8, {N, K}, /*zero=*/false);
-  lw.weight_scale = Tensor::Empty(DType::kF32, {N, 1}, /*zero=*/false);
+  LinearWeights lw = NewPerChannel8Bit(name, N, K, fp8);
   uint8_t* codes = lw.weight.data<uint8_t>();
   float* scales = lw.weight_scale.data<float>();
   ParallelRange(N, 16, [&](int64_t b, int64_t e) {
@@ -373,16 +374,7 @@ absl::StatusOr<LinearWeights> PackFp8PerChannel(const IntQuantMatrix& m, const s
         name, ": fp8 per-channel packing needs codes [N, K] and one scale per row, got ",
         m.num_groups, " groups"));
   }
-  LinearWeights lw;
-  lw.name = name;
-  lw.in_features = K;
-  lw.out_features = N;
-  lw.format = WeightFormat::kFp8;
-  lw.bits = 8;
-  lw.group_size = -1;
-  lw.has_zero_point = false;
-  lw.weight = Tensor::Empty(DType::kF8E4M3, {N, K}, /*zero=*/false);
-  lw.weight_scale = Tensor::Empty(DType::kF32, {N, 1}, /*zero=*/false);
+  LinearWeights lw = NewPerChannel8Bit(name, N, K, /*fp8=*/true);
   std::copy(m.codes.begin(), m.codes.end(), lw.weight.data<uint8_t>());
   std::copy(m.scales.begin(), m.scales.end(), lw.weight_scale.data<float>());
   lw.act_quant = dynamic_act ? ActQuant::kFp8PerToken : ActQuant::kNone;
