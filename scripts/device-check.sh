@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds the CUDA backend's tests on a machine with a GPU and runs them, then prints a
-# short table (test | result) and the device. Needs only a C++ compiler, CMake, nvcc and
+# Builds the CUDA backend's tests and benchmark on a machine with a GPU, runs the tests
+# (GPU ops against the CPU, then the shared fixtures end to end on the GPU), then the
+# benchmark (Llama-3.1-8B shapes, random weights), and prints a short table last: the
+# tests' results and the benchmark's table, with the device. Needs only a C++ compiler, CMake, nvcc and
 # the engine core's libraries (abseil, GoogleTest, nlohmann-json, SentencePiece, and a
 # pkg-config). A machine without those (the device machine has no package manager and no
 # network) uses the tree that scripts/prepare-device-deps.sh writes into .device-deps/,
@@ -11,13 +13,19 @@
 # Environment:
 #   QSHARD_CUDA_ARCHS       CMAKE_CUDA_ARCHITECTURES (default 90a: H100/H200 only, which
 #                           keeps the build short)
-#   QSHARD_DEVICE_TESTS     test targets to build and run (default qshard_backend_cuda_tests)
+#   QSHARD_DEVICE_TESTS     test targets to build and run (default qshard_backend_cuda_tests
+#                           qshard_model_cuda_tests)
+#   QSHARD_DEVICE_BENCH     arguments for qshard_cuda_bench ("off" skips it; default: the
+#                           issue's set, Llama-3.1-8B, bf16 fp8 gptq-4bit awq-4bit)
+#   QSHARD_DEVICE_BENCH_TIMEOUT  seconds the benchmark may take (default 240)
 #   QSHARD_DEVICE_BUILD_DIR build folder (default build-device)
 #   QSHARD_DEVICE_ALLOW_SKIP=1  do not fail when tests skip (a dry run without a GPU)
 #
-# Writes to LOG_DIR (at most 2 + 2 per test target files, flat, so they all come back
-# from the device tool): build.log, nvidia-smi.txt, <target>.log, <target>.xml,
-# summary.txt. Exit status: 0 only when everything built, every test passed and none
+# The fixture test needs the shared models: scripts/prepare-device-fixtures.sh copies the
+# ones a run needs into .device-fixtures/ (carry it too); without it those tests skip.
+#
+# Writes to LOG_DIR (flat, so everything comes back from the device tool): build.log,
+# nvidia-smi.txt, <target>.log, <target>.xml, bench.log, summary.txt. Exit status: 0 only when everything built, every test passed and none
 # skipped.
 set -euo pipefail
 
@@ -28,7 +36,9 @@ mkdir -p "$LOG_DIR"
 LOG_DIR="$(cd "$LOG_DIR" && pwd)"
 BUILD_DIR="${QSHARD_DEVICE_BUILD_DIR:-build-device}"
 ARCHS="${QSHARD_CUDA_ARCHS:-90a}"
-read -r -a TESTS <<<"${QSHARD_DEVICE_TESTS:-qshard_backend_cuda_tests}"
+read -r -a TESTS <<<"${QSHARD_DEVICE_TESTS:-qshard_backend_cuda_tests qshard_model_cuda_tests}"
+BENCH_ARGS="${QSHARD_DEVICE_BENCH:-}"
+BENCH_TIMEOUT="${QSHARD_DEVICE_BENCH_TIMEOUT:-240}"
 JOBS="$(nproc 2>/dev/null || echo 4)"
 BUILD_LOG="$LOG_DIR/build.log"
 SUMMARY="$LOG_DIR/summary.txt"
@@ -94,6 +104,12 @@ CMAKE_ARGS=(
   -DQSHARD_WERROR=OFF
   "-DCMAKE_CUDA_ARCHITECTURES=$ARCHS"
 )
+if [[ -d "$ROOT/.device-fixtures/models" ]]; then
+  CMAKE_ARGS+=("-DQSHARD_SHARED_DIR=$ROOT/.device-fixtures")
+  echo "fixtures: $ROOT/.device-fixtures ($(ls "$ROOT/.device-fixtures/models" | tr '\n' ' '))"
+else
+  echo "fixtures: none carried (.device-fixtures); the fixture tests will fail to find models"
+fi
 
 # Carried dependencies: preferred over anything the system has, so the device builds
 # against the same versions as CI.
@@ -138,7 +154,8 @@ write_summary() {
       # gtest's per-test end lines: "[       OK ] Suite.Name (12 ms)" (the closing lists
       # repeat names without the time, so requiring "(N ms)" counts each test once).
       while read -r result name ms; do
-        printf '%-62s | %s (%s ms)\n' "$name" "$result" "$ms"
+        # Only what needs attention goes to the table (every test is in <target>.log).
+        [[ "$result" == OK ]] || printf '%-62s | %s (%s ms)\n' "$name" "$result" "$ms"
         case "$result" in
           OK) passed=$((passed + 1)) ;;
           FAILED) failed=$((failed + 1)) ;;
@@ -168,7 +185,9 @@ if ! cmake "${CMAKE_ARGS[@]}" >>"$BUILD_LOG" 2>&1; then
   fail_build "configure"
 fi
 grep -E '^-- (qshard|Found)' "$BUILD_LOG" || true
-if ! cmake --build "$BUILD_DIR" -j "$JOBS" --target "${TESTS[@]}" >>"$BUILD_LOG" 2>&1; then
+BUILD_TARGETS=("${TESTS[@]}")
+[[ "$BENCH_ARGS" == off ]] || BUILD_TARGETS+=(qshard_cuda_bench)
+if ! cmake --build "$BUILD_DIR" -j "$JOBS" --target "${BUILD_TARGETS[@]}" >>"$BUILD_LOG" 2>&1; then
   fail_build "build"
 fi
 t1=$(now)
@@ -198,7 +217,30 @@ for t in "${TESTS[@]}"; do
   fi
 done
 
+# ---------------------------------------------------------------------------
+BENCH_RESULT="skipped (QSHARD_DEVICE_BENCH=off)"
+if [[ "$BENCH_ARGS" != off ]]; then
+  section "benchmark"
+  read -r -a bench_argv <<<"$BENCH_ARGS"
+  rc=0
+  timeout "$BENCH_TIMEOUT" "$BUILD_DIR/bin/qshard_cuda_bench" "${bench_argv[@]}" \
+    >"$LOG_DIR/bench.log" 2>&1 || rc=$?
+  cat "$LOG_DIR/bench.log"
+  if [[ $rc -eq 0 ]]; then
+    BENCH_RESULT="ok"
+  else
+    BENCH_RESULT="FAILED (exit status $rc$([[ $rc -eq 124 ]] && echo ", timed out after ${BENCH_TIMEOUT} s"))"
+    status=1
+  fi
+fi
+
 write_summary
+{
+  echo "bench:  $BENCH_RESULT"
+  if [[ -f "$LOG_DIR/bench.log" ]]; then
+    sed -n '/^## qshard_cuda_bench/,$p' "$LOG_DIR/bench.log"
+  fi
+} | tee -a "$SUMMARY"
 if [[ $status -eq 0 ]]; then
   echo "RESULT: PASS"
 else

@@ -60,6 +60,9 @@ for deb in "$WORK"/*.deb; do
   dpkg -x "$deb" "$DEST"
 done
 rm -rf "$DEST/usr/share/doc" "$DEST/usr/share/man" "$DEST/usr/share/lintian" "$DEST/usr/src"
+# abseil's CMake config imports the shared libraries; its static archives only take room
+# in the 64 MiB a device call may carry.
+rm -f "$DEST"/usr/lib/x86_64-linux-gnu/libabsl_*.a
 
 # .pc files name /usr; make them relative to their own folder (pkgconf's ${pcfiledir}) so
 # the tree works wherever it is unpacked.

@@ -20,6 +20,7 @@
 
 #include "absl/status/statusor.h"
 #include "kv/kv_cache_spec.h"
+#include "quant/kernel_selection.h"
 #include "quant/linear_weights.h"
 #include "runtime/base/tensor.h"
 #include "runtime/checkpoint/model_config.h"
@@ -58,13 +59,22 @@ class Backend {
   // Human-readable name ("cpu (2 threads, avx2)", "cuda:0 NVIDIA H100 80GB HBM3").
   virtual std::string name() const = 0;
   virtual DType activation_dtype() const = 0;
+  // What the kernel selection needs to know (compute capability, memory).
+  virtual DeviceInfo device_info() const = 0;
+  // Device memory not yet allocated by anyone (0 on the CPU, where the KV budget is a flag).
+  virtual int64_t free_device_memory_bytes() const { return 0; }
 
   // --- memory -------------------------------------------------------------
   // Makes a (small) host weight usable by ops: norm weights, embedding table.
   virtual absl::StatusOr<Tensor> UploadWeight(const Tensor& host) = 0;
   virtual absl::StatusOr<std::unique_ptr<LinearOp>> PrepareLinear(const LinearWeights& w) = 0;
-  // A new activation tensor [rows, cols] in activation_dtype().
+  // A new activation tensor [rows, cols] in activation_dtype(). On a GPU it lives until
+  // the next BeginStep (a per-step arena), so a forward step allocates freely.
   virtual Tensor Allocate(int64_t rows, int64_t cols) = 0;
+  // A new fp32 tensor [rows, cols] for values that must not lose precision between ops:
+  // the residual stream (summed over every layer) and the logits. Same lifetime as
+  // Allocate.
+  virtual Tensor AllocateF32(int64_t rows, int64_t cols) = 0;
   // Allocates the paged K/V storage for every layer.
   virtual absl::Status AllocateKvCache(const KvCacheSpec& spec) = 0;
   virtual const KvCacheSpec& kv_cache_spec() const = 0;

@@ -63,7 +63,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   // The selection function decides (and explains) the linear kernel for this device from
   // the checkpoint's quantization and --quantization, before any weight is read.
   {
-    const DeviceInfo device = DeviceInfo::Cpu();  // the CUDA model backend is not wired yet
+    const DeviceInfo device = e->backend_->device_info();
     QSHARD_ASSIGN_OR_RETURN(QuantizationConfig ckpt_quant,
                             LoadQuantizationConfig(options.model_dir,
                                                    config.quantization_config_json));
@@ -106,8 +106,24 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   const DType auto_dtype =
       e->backend_->device() == Device::kCpu ? DType::kF32 : config.dtype;
   spec.dtype = ResolveKvCacheDType(options.kv_cache_dtype, auto_dtype);
-  const int64_t budget =
+  int64_t budget =
       options.kv_cache_memory_bytes > 0 ? options.kv_cache_memory_bytes : (int64_t{512} << 20);
+  if (e->backend_->device() == Device::kCuda && options.kv_cache_memory_bytes <= 0) {
+    // As vLLM: the KV pool takes what --gpu-memory-utilization leaves after the weights
+    // (already resident) and a reserve for the step's activations and cuBLASLt workspace.
+    const int64_t total = e->backend_->device_info().memory_bytes;
+    const int64_t used = total - e->backend_->free_device_memory_bytes();
+    constexpr int64_t kActivationReserve = int64_t{1} << 30;
+    budget = static_cast<int64_t>(options.gpu_memory_utilization * static_cast<double>(total)) -
+             used - kActivationReserve;
+    if (budget <= 0) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "--gpu-memory-utilization ", options.gpu_memory_utilization, " of ", total >> 20,
+          " MiB leaves no room for the KV cache: ", used >> 20,
+          " MiB are in use after loading the weights and ", kActivationReserve >> 20,
+          " MiB are reserved for activations"));
+    }
+  }
   spec.num_blocks = KvBlocksForBudget(spec, budget);  // the planner's arithmetic
   if (spec.num_blocks < 1) {
     return absl::InvalidArgumentError(absl::StrCat(

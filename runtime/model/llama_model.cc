@@ -499,7 +499,7 @@ absl::Status LlamaModel::Forward(absl::Span<const SequenceChunk> chunks,
   const float eps = static_cast<float>(c.rms_norm_eps);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   Backend& b = *backend_;
-  Tensor residual = b.Allocate(T, H);                 // [T, H] the residual stream
+  Tensor residual = b.AllocateF32(T, H);              // [T, H] the residual stream (fp32)
   Tensor h = b.Allocate(T, H);                        // [T, H] normed input of a block
   Tensor q = b.Allocate(T, c.num_heads * D);          // [T, heads*D]
   Tensor k = b.Allocate(T, c.num_kv_heads * D);       // [T, kv_heads*D]
@@ -549,11 +549,11 @@ absl::Status LlamaModel::Forward(absl::Span<const SequenceChunk> chunks,
   const int64_t R = static_cast<int64_t>(logit_rows.size());
   logits->resize(R * c.vocab_size);
   if (R == 0) return absl::OkStatus();
-  Tensor picked = b.Allocate(R, H);
+  Tensor picked = b.AllocateF32(R, H);
   b.GatherRows(residual, logit_rows, picked);
   Tensor normed = b.Allocate(R, H);
   b.RmsNorm(picked, final_norm_, eps, normed);
-  Tensor out = b.Allocate(R, c.vocab_size);
+  Tensor out = b.AllocateF32(R, c.vocab_size);
   b.Linear(normed, *lm_head_, out);
   return b.CopyToHost(out, logits->data());
 }
@@ -590,6 +590,13 @@ absl::Status LlamaModel::ReplaceLinear(int layer, const std::string& proj,
   }
   *slot = std::move(op);
   return absl::OkStatus();
+}
+
+std::vector<const LinearOp*> LlamaModel::DecoderLinears(int layer) const {
+  if (layer < 0 || layer >= static_cast<int>(layers_.size())) return {};
+  const Layer& L = layers_[layer];
+  return {L.q_proj.get(),    L.k_proj.get(),  L.v_proj.get(),   L.o_proj.get(),
+          L.gate_proj.get(), L.up_proj.get(), L.down_proj.get()};
 }
 
 absl::Status LlamaModel::ReplaceNorms(int layer, const Tensor& input_norm,

@@ -140,6 +140,9 @@ class LlamaModel {
   // "up_proj", "down_proj") of `layer` by an op prepared on this model's backend, e.g. its
   // quantized version; the shape must match.
   absl::Status ReplaceLinear(int layer, const std::string& proj, std::unique_ptr<LinearOp> op);
+  // The decoder linears of `layer` in forward order (q, k, v, o, gate, up, down), for
+  // benchmarks that time the linear kernels alone. Empty when layer is out of range.
+  std::vector<const LinearOp*> DecoderLinears(int layer) const;
   // Replaces the RMSNorm weights of a layer (AWQ folds its scales into them): host [H].
   absl::Status ReplaceNorms(int layer, const Tensor& input_norm, const Tensor& post_norm);
 

@@ -49,6 +49,7 @@ class CpuBackend : public Backend {
     return absl::StrCat("cpu (", ThreadPool::Global().num_threads(), " threads, ", simd, ")");
   }
   DType activation_dtype() const override { return DType::kF32; }
+  DeviceInfo device_info() const override { return DeviceInfo::Cpu(); }
 
   absl::StatusOr<Tensor> UploadWeight(const Tensor& host) override {
     if (host.device() != Device::kCpu) {
@@ -71,6 +72,7 @@ class CpuBackend : public Backend {
   Tensor Allocate(int64_t rows, int64_t cols) override {
     return Tensor::Empty(DType::kF32, {rows, cols});
   }
+  Tensor AllocateF32(int64_t rows, int64_t cols) override { return Allocate(rows, cols); }
 
   absl::Status AllocateKvCache(const KvCacheSpec& spec) override {
     if (!cpu::IsSupportedKvDType(spec.dtype)) {

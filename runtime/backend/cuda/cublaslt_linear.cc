@@ -71,8 +71,9 @@ absl::StatusOr<const CublasLtLinear::Plan*> CublasLtLinear::GetPlan(const PlanKe
   std::lock_guard<std::mutex> lock(mu_);
   if (auto it = plans_.find(key); it != plans_.end()) return it->second.get();
 
-  const auto [m, n, k, y_dtype, align_x, align_w, align_y] = key;
+  const auto [m, n, k, y_dtype, align_x, align_w, align_y, ab_dtype] = key;
   const cudaDataType_t y_type = y_dtype == DType::kF32 ? CUDA_R_32F : CUDA_R_16BF;
+  const cudaDataType_t ab_type = ab_dtype == DType::kF16 ? CUDA_R_16F : CUDA_R_16BF;
   auto plan = std::make_unique<Plan>();
 
   // fp32 accumulation and fp32 alpha/beta whatever the output type.
@@ -86,8 +87,8 @@ absl::StatusOr<const CublasLtLinear::Plan*> CublasLtLinear::GetPlan(const PlanKe
       plan->op, CUBLASLT_MATMUL_DESC_TRANSB, &trans_x, sizeof(trans_x)));
 
   // Layouts are (rows, cols, leading dimension) of the stored, column-major memory.
-  QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->w_layout, CUDA_R_16BF, k, n, k));
-  QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->x_layout, CUDA_R_16BF, k, m, k));
+  QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->w_layout, ab_type, k, n, k));
+  QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->x_layout, ab_type, k, m, k));
   QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->y_layout, y_type, n, m, n));
 
   cublasLtMatmulPreference_t raw_pref = nullptr;
@@ -115,7 +116,7 @@ absl::StatusOr<const CublasLtLinear::Plan*> CublasLtLinear::GetPlan(const PlanKe
       1, &result, &returned));
   if (returned == 0 || result.state != CUBLAS_STATUS_SUCCESS) {
     return absl::UnimplementedError(
-        absl::StrCat("cuBLASLt has no bf16 algorithm for y[", m, ", ", n, "] = x[", m, ", ", k,
+        absl::StrCat("cuBLASLt has no ", std::string(DTypeName(ab_dtype)), " algorithm for y[", m, ", ", n, "] = x[", m, ", ", k,
                      "] . w^T with ", std::string(DTypeName(y_dtype)), " output (alignments x ",
                      align_x, ", w ", align_w, ", y ", align_y, " bytes)"));
   }
@@ -126,7 +127,7 @@ absl::StatusOr<const CublasLtLinear::Plan*> CublasLtLinear::GetPlan(const PlanKe
 }
 
 absl::Status CublasLtLinear::Linear(const void* x, const void* w, void* y, DType y_dtype, int64_t m,
-                                    int64_t n, int64_t k, cudaStream_t stream) {
+                                    int64_t n, int64_t k, cudaStream_t stream, DType ab_dtype) {
   if (m < 0 || n <= 0 || k <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("Linear: bad shape m=", m, " n=", n, " k=", k));
   }
@@ -134,12 +135,17 @@ absl::Status CublasLtLinear::Linear(const void* x, const void* w, void* y, DType
     return absl::InvalidArgumentError(absl::StrCat(
         "Linear: output must be float32 or bfloat16, got ", std::string(DTypeName(y_dtype))));
   }
+  if (ab_dtype != DType::kBF16 && ab_dtype != DType::kF16) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Linear: inputs must be bfloat16 or float16, got ", std::string(DTypeName(ab_dtype))));
+  }
   if (m == 0) return absl::OkStatus();
   if (x == nullptr || w == nullptr || y == nullptr) {
     return absl::InvalidArgumentError("Linear: null pointer");
   }
   QSHARD_ASSIGN_OR_RETURN(const Plan* plan, GetPlan(PlanKey{m, n, k, y_dtype, AlignmentOf(x),
-                                                            AlignmentOf(w), AlignmentOf(y)}));
+                                                            AlignmentOf(w), AlignmentOf(y),
+                                                            ab_dtype}));
   const float alpha = 1.0f;
   const float beta = 0.0f;  // C is not read, so y may hold garbage (or NaN poison)
   QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(

@@ -1,5 +1,5 @@
 // File: cublaslt_linear.h
-// Dense BF16 linear layer through cuBLASLt: y[m, n] = x[m, k] . w[n, k]^T, with w in the
+// Dense BF16 / FP16 linear layer through cuBLASLt: y[m, n] = x[m, k] . w[n, k]^T, with w in the
 // Hugging Face layout (row-major [out_features, in_features]), x bf16 row-major, y bf16
 // or fp32 row-major, fp32 accumulation (CUBLAS_COMPUTE_32F).
 //
@@ -49,19 +49,21 @@ class CublasLtLinear {
   CublasLtLinear& operator=(const CublasLtLinear&) = delete;
 
   // y[m, n] = x[m, k] . w[n, k]^T, enqueued on `stream`.
-  //   x: bf16 [m, k]; w: bf16 [n, k]; y: [m, n] in y_dtype (kF32 or kBF16); all device,
-  //   row-major and dense. y must not overlap x or w.
+  //   x, w: [m, k], [n, k] in ab_dtype (kBF16, or kF16 for fp16 checkpoints); y: [m, n] in
+  //   y_dtype (kF32 or kBF16); all device, row-major and dense. y must not overlap x or w.
   // The workspace is shared by all calls, so calls on different streams must not run
   // concurrently: use one CublasLtLinear per stream.
   absl::Status Linear(const void* x, const void* w, void* y, DType y_dtype, int64_t m, int64_t n,
-                      int64_t k, cudaStream_t stream);
+                      int64_t k, cudaStream_t stream, DType ab_dtype = DType::kBF16);
 
   // Number of problems whose algorithm has been chosen so far (for tests and stats).
   size_t cached_plans() const;
 
  private:
-  // (m, n, k, y dtype, alignment of x, w, y in bytes): the heuristic's answer depends on all.
-  using PlanKey = std::tuple<int64_t, int64_t, int64_t, DType, uint32_t, uint32_t, uint32_t>;
+  // (m, n, k, y dtype, alignment of x, w, y in bytes, x/w dtype): the heuristic's answer
+  // depends on all.
+  using PlanKey =
+      std::tuple<int64_t, int64_t, int64_t, DType, uint32_t, uint32_t, uint32_t, DType>;
   struct Plan;
 
   CublasLtLinear(cublasLtHandle_t handle, DeviceBuffer workspace);

@@ -14,6 +14,7 @@
 // Each thread visits the same elements in both passes, which is what makes in-place use
 // (out == x) and the residual round trip race-free without extra barriers.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -37,6 +38,7 @@ constexpr int kMaxThreads = 512;
 
 __device__ __forceinline__ float ToF32(float v) { return v; }
 __device__ __forceinline__ float ToF32(bf16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float ToF32(__half v) { return __half2float(v); }
 
 template <typename T>
 __device__ __forceinline__ T FromF32(float v);
@@ -98,8 +100,8 @@ __device__ __forceinline__ float BlockSum(float v) {
 }
 
 // grid: [n]; out[row, :] = table[ids[row], :] (NaN when the id is out of range).
-template <typename OutT, int kVec>
-__global__ void EmbeddingKernel(const bf16* __restrict__ table, int64_t vocab, int hidden,
+template <typename TableT, typename OutT, int kVec>
+__global__ void EmbeddingKernel(const TableT* __restrict__ table, int64_t vocab, int hidden,
                                 const int32_t* __restrict__ ids, OutT* __restrict__ out) {
   const int64_t row = blockIdx.x;
   const int32_t id = ids[row];
@@ -113,7 +115,7 @@ __global__ void EmbeddingKernel(const bf16* __restrict__ table, int64_t vocab, i
       StoreF32<kVec>(out_row + v * kVec, nan);
     return;
   }
-  const bf16* src = table + static_cast<int64_t>(id) * hidden;
+  const TableT* src = table + static_cast<int64_t>(id) * hidden;
   for (int v = threadIdx.x; v < num_vecs; v += blockDim.x) {
     float f[kVec];
     LoadF32<kVec>(src + v * kVec, f);
@@ -124,7 +126,7 @@ __global__ void EmbeddingKernel(const bf16* __restrict__ table, int64_t vocab, i
 // grid: [n]; out[row, :] = x[row, :] * rsqrt(mean(x[row, :]^2) + eps) * weight.
 // x and out are not __restrict__: they may be the same buffer.
 template <typename InT, typename OutT, int kVec>
-__global__ void RmsNormKernel(const InT* x, const bf16* __restrict__ weight, float eps, int d,
+__global__ void RmsNormKernel(const InT* x, const float* __restrict__ weight, float eps, int d,
                               OutT* out) {
   const int64_t offset = static_cast<int64_t>(blockIdx.x) * d;
   const InT* x_row = x + offset;
@@ -153,7 +155,7 @@ __global__ void RmsNormKernel(const InT* x, const bf16* __restrict__ weight, flo
 
 // grid: [n]; residual[row, :] += x[row, :]; out[row, :] = RmsNorm(residual[row, :]) * weight.
 template <typename ResT, typename InT, typename OutT, int kVec>
-__global__ void AddRmsNormKernel(ResT* residual, const InT* x, const bf16* __restrict__ weight,
+__global__ void AddRmsNormKernel(ResT* residual, const InT* x, const float* __restrict__ weight,
                                  float eps, int d, OutT* out) {
   const int64_t offset = static_cast<int64_t>(blockIdx.x) * d;
   ResT* res_row = residual + offset;
@@ -241,29 +243,46 @@ absl::Status CheckPointers(const char* op, std::initializer_list<const void*> pt
 
 }  // namespace
 
-absl::Status LaunchEmbedding(const void* table, int64_t vocab, int64_t hidden, const int32_t* ids,
-                             int64_t n, void* out, DType out_dtype, cudaStream_t stream) {
+absl::Status LaunchEmbedding(const void* table, DType table_dtype, int64_t vocab, int64_t hidden,
+                             const int32_t* ids, int64_t n, void* out, DType out_dtype,
+                             cudaStream_t stream) {
   QSHARD_RETURN_IF_ERROR(CheckRows("Embedding", n, hidden));
   if (vocab <= 0) return absl::InvalidArgumentError(absl::StrCat("Embedding: vocab ", vocab));
-  return DispatchActivation(out_dtype, "Embedding output", [&](auto out_tag) -> absl::Status {
-    using OutT = typename decltype(out_tag)::type;
-    if (n == 0) return absl::OkStatus();
-    QSHARD_RETURN_IF_ERROR(CheckPointers("Embedding", {table, ids, out}));
-    constexpr int kVec = 16 / std::max(sizeof(bf16), sizeof(OutT));
-    const auto* t = static_cast<const bf16*>(table);
-    auto* o = static_cast<OutT*>(out);
-    if (hidden % kVec == 0 && IsAligned(table, kVec * sizeof(bf16)) &&
-        IsAligned(out, kVec * sizeof(OutT))) {
-      EmbeddingKernel<OutT, kVec>
-          <<<static_cast<unsigned>(n), ThreadsFor(hidden / kVec), 0, stream>>>(
-              t, vocab, static_cast<int>(hidden), ids, o);
-    } else {
-      EmbeddingKernel<OutT, 1><<<static_cast<unsigned>(n), ThreadsFor(hidden), 0, stream>>>(
-          t, vocab, static_cast<int>(hidden), ids, o);
-    }
-    QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
-    return absl::OkStatus();
-  });
+  auto with_table = [&](auto table_tag) -> absl::Status {
+    using TableT = typename decltype(table_tag)::type;
+    return DispatchActivation(out_dtype, "Embedding output", [&](auto out_tag) -> absl::Status {
+      using OutT = typename decltype(out_tag)::type;
+      if (n == 0) return absl::OkStatus();
+      QSHARD_RETURN_IF_ERROR(CheckPointers("Embedding", {table, ids, out}));
+      constexpr int kVec = 16 / std::max(sizeof(TableT), sizeof(OutT));
+      const auto* t = static_cast<const TableT*>(table);
+      auto* o = static_cast<OutT*>(out);
+      if (hidden % kVec == 0 && IsAligned(table, kVec * sizeof(TableT)) &&
+          IsAligned(out, kVec * sizeof(OutT))) {
+        EmbeddingKernel<TableT, OutT, kVec>
+            <<<static_cast<unsigned>(n), ThreadsFor(hidden / kVec), 0, stream>>>(
+                t, vocab, static_cast<int>(hidden), ids, o);
+      } else {
+        EmbeddingKernel<TableT, OutT, 1>
+            <<<static_cast<unsigned>(n), ThreadsFor(hidden), 0, stream>>>(
+                t, vocab, static_cast<int>(hidden), ids, o);
+      }
+      QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
+      return absl::OkStatus();
+    });
+  };
+  switch (table_dtype) {
+    case DType::kBF16:
+      return with_table(TypeTag<bf16>{});
+    case DType::kF16:
+      return with_table(TypeTag<__half>{});
+    case DType::kF32:
+      return with_table(TypeTag<float>{});
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("Embedding table must be bfloat16, float16 or float32, got ",
+                       std::string(DTypeName(table_dtype))));
+  }
 }
 
 absl::Status LaunchRmsNorm(const void* x, DType x_dtype, const void* weight, float eps, int64_t n,
@@ -280,10 +299,10 @@ absl::Status LaunchRmsNorm(const void* x, DType x_dtype, const void* weight, flo
       QSHARD_RETURN_IF_ERROR(CheckPointers("RmsNorm", {x, weight, out}));
       constexpr int kVec = 16 / std::max(sizeof(InT), sizeof(OutT));
       const auto* xi = static_cast<const InT*>(x);
-      const auto* w = static_cast<const bf16*>(weight);
+      const auto* w = static_cast<const float*>(weight);
       auto* o = static_cast<OutT*>(out);
       if (d % kVec == 0 && IsAligned(x, kVec * sizeof(InT)) &&
-          IsAligned(weight, kVec * sizeof(bf16)) && IsAligned(out, kVec * sizeof(OutT))) {
+          IsAligned(weight, kVec * sizeof(float)) && IsAligned(out, kVec * sizeof(OutT))) {
         RmsNormKernel<InT, OutT, kVec>
             <<<static_cast<unsigned>(n), ThreadsFor(d / kVec), 0, stream>>>(xi, w, eps,
                                                                             static_cast<int>(d), o);
@@ -318,10 +337,10 @@ absl::Status LaunchAddRmsNorm(void* residual, DType residual_dtype, const void* 
         constexpr int kVec = 16 / std::max({sizeof(ResT), sizeof(InT), sizeof(OutT)});
         auto* r = static_cast<ResT*>(residual);
         const auto* xi = static_cast<const InT*>(x);
-        const auto* w = static_cast<const bf16*>(weight);
+        const auto* w = static_cast<const float*>(weight);
         auto* o = static_cast<OutT*>(out);
         if (d % kVec == 0 && IsAligned(residual, kVec * sizeof(ResT)) &&
-            IsAligned(x, kVec * sizeof(InT)) && IsAligned(weight, kVec * sizeof(bf16)) &&
+            IsAligned(x, kVec * sizeof(InT)) && IsAligned(weight, kVec * sizeof(float)) &&
             IsAligned(out, kVec * sizeof(OutT))) {
           AddRmsNormKernel<ResT, InT, OutT, kVec>
               <<<static_cast<unsigned>(n), ThreadsFor(d / kVec), 0, stream>>>(

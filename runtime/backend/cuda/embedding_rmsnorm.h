@@ -4,12 +4,13 @@
 // compiler can call them; the kernels live in embedding_rmsnorm.cu.
 //
 // All pointers are device memory; shapes are [rows, cols] row-major. Activations are
-// fp32 or bf16 (DType::kF32 / kBF16), weights bf16, and every reduction accumulates in
-// fp32. The launchers only enqueue work on `stream`: a returned OK means the launch was
+// fp32 or bf16 (DType::kF32 / kBF16), norm weights fp32 (the backend uploads them as fp32
+// whatever the checkpoint stores: exact, and tiny), embedding tables bf16, fp16 or fp32,
+// and every reduction accumulates in fp32. The launchers only enqueue work on `stream`: a returned OK means the launch was
 // accepted, and faults inside the kernel show at the next synchronizing call.
 //
-//   QSHARD_RETURN_IF_ERROR(cuda::LaunchEmbedding(table, vocab, hidden, ids, n,
-//                                                out, DType::kF32, stream));
+//   QSHARD_RETURN_IF_ERROR(cuda::LaunchEmbedding(table, DType::kBF16, vocab, hidden, ids,
+//                                                n, out, DType::kF32, stream));
 //   QSHARD_RETURN_IF_ERROR(cuda::LaunchAddRmsNorm(residual, DType::kF32, attn_out,
 //                                                 DType::kBF16, norm_w, 1e-5f, n, hidden,
 //                                                 normed, DType::kBF16, stream));
@@ -26,15 +27,17 @@
 namespace qshard::cuda {
 
 // out[n, hidden] = table[ids[i], :].
-//   table: bf16 [vocab, hidden]; ids: int32 [n]; out: [n, hidden] in out_dtype (f32/bf16).
+//   table: [vocab, hidden] in table_dtype (bf16/f16/f32); ids: int32 [n];
+//   out: [n, hidden] in out_dtype (f32/bf16).
 // ids live on the device, so they cannot be checked before the launch: a row whose id is
 // outside [0, vocab) is filled with NaN instead of reading out of bounds, so the mistake
 // shows in the logits rather than as silent garbage.
-absl::Status LaunchEmbedding(const void* table, int64_t vocab, int64_t hidden, const int32_t* ids,
-                             int64_t n, void* out, DType out_dtype, cudaStream_t stream);
+absl::Status LaunchEmbedding(const void* table, DType table_dtype, int64_t vocab, int64_t hidden,
+                             const int32_t* ids, int64_t n, void* out, DType out_dtype,
+                             cudaStream_t stream);
 
 // out[n, d] = x[n, d] * rsqrt(mean(x^2) + eps) * weight[d].
-//   x: [n, d] in x_dtype (f32/bf16); weight: bf16 [d]; out: [n, d] in out_dtype (f32/bf16).
+//   x: [n, d] in x_dtype (f32/bf16); weight: fp32 [d]; out: [n, d] in out_dtype (f32/bf16).
 // out may be x itself (in place) when the dtypes are equal.
 absl::Status LaunchRmsNorm(const void* x, DType x_dtype, const void* weight, float eps, int64_t n,
                            int64_t d, void* out, DType out_dtype, cudaStream_t stream);
@@ -42,7 +45,7 @@ absl::Status LaunchRmsNorm(const void* x, DType x_dtype, const void* weight, flo
 // residual[n, d] += x[n, d]; then out[n, d] = RmsNorm(residual) * weight, in one pass.
 //   residual: [n, d] in residual_dtype (f32/bf16), updated in place (rounded to its dtype,
 //   and the norm is taken of the rounded values, which is what later layers read);
-//   x: [n, d] in x_dtype; weight: bf16 [d]; out: [n, d] in out_dtype.
+//   x: [n, d] in x_dtype; weight: fp32 [d]; out: [n, d] in out_dtype.
 // out may be x itself when the dtypes are equal; it must not be residual.
 absl::Status LaunchAddRmsNorm(void* residual, DType residual_dtype, const void* x, DType x_dtype,
                               const void* weight, float eps, int64_t n, int64_t d, void* out,

@@ -277,7 +277,7 @@ TEST_F(CudaOpsTest, EmbeddingMatchesCpu) {
             absl::StrCat("Embedding n=", n, " hidden=", hidden, " out=", Name(out));
         SCOPED_TRACE(what);
         QSHARD_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_out, Poisoned(n * hidden, out, stream()));
-        QSHARD_ASSERT_OK(LaunchEmbedding(d_table.get(), kVocab, hidden, d_ids.as<int32_t>(), n,
+        QSHARD_ASSERT_OK(LaunchEmbedding(d_table.get(), DType::kBF16, kVocab, hidden, d_ids.as<int32_t>(), n,
                                          d_out.get(), out, stream()));
         QSHARD_ASSERT_OK_AND_ASSIGN(std::vector<float> got,
                                     Download(d_out, out, n * hidden, stream()));
@@ -297,7 +297,7 @@ TEST_F(CudaOpsTest, EmbeddingOutOfRangeIdGivesNaNRow) {
   QSHARD_ASSERT_OK(d_ids.CopyFromHost(ids.data(), ids.size() * 4, stream()));
   QSHARD_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_out, DeviceBuffer::Allocate(ids.size() * kHidden * 4));
   QSHARD_ASSERT_OK(d_out.Fill(0, stream()));
-  QSHARD_ASSERT_OK(LaunchEmbedding(d_table.get(), kVocab, kHidden, d_ids.as<int32_t>(),
+  QSHARD_ASSERT_OK(LaunchEmbedding(d_table.get(), DType::kBF16, kVocab, kHidden, d_ids.as<int32_t>(),
                                    static_cast<int64_t>(ids.size()), d_out.get(), DType::kF32,
                                    stream()));
   QSHARD_ASSERT_OK_AND_ASSIGN(std::vector<float> got,
@@ -315,7 +315,7 @@ TEST_F(CudaOpsTest, RmsNormMatchesCpu) {
   for (int64_t d : {384, 390, 4096}) {
     const std::vector<float> weight = RandomBf16Values(d, 0.5f, 1.5f, ++seed);
     const Tensor host_weight = HostBf16Tensor(weight, {d});
-    QSHARD_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_weight, Upload(weight, DType::kBF16, stream()));
+    QSHARD_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_weight, Upload(weight, DType::kF32, stream()));
     for (int64_t n : {1, 7, 64}) {
       for (DType in : {DType::kF32, DType::kBF16}) {
         const std::vector<float> x = RandomActivations(n, d, in, ++seed);
@@ -343,7 +343,7 @@ TEST_F(CudaOpsTest, RmsNormInPlace) {
   constexpr int64_t kD = 4096;
   const std::vector<float> weight = RandomBf16Values(kD, 0.5f, 1.5f, 301);
   const std::vector<float> x = RandomActivations(kN, kD, DType::kF32, 302);
-  QSHARD_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_weight, Upload(weight, DType::kBF16, stream()));
+  QSHARD_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_weight, Upload(weight, DType::kF32, stream()));
   QSHARD_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_x, Upload(x, DType::kF32, stream()));
   std::vector<float> want(kN * kD, kNaN);
   cpu::RmsNorm(x.data(), HostBf16Tensor(weight, {kD}), kEps, kN, kD, want.data());
@@ -359,7 +359,7 @@ TEST_F(CudaOpsTest, AddRmsNormMatchesCpu) {
   for (int64_t d : {390, 4096}) {
     const std::vector<float> weight = RandomBf16Values(d, 0.5f, 1.5f, ++seed);
     const Tensor host_weight = HostBf16Tensor(weight, {d});
-    QSHARD_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_weight, Upload(weight, DType::kBF16, stream()));
+    QSHARD_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_weight, Upload(weight, DType::kF32, stream()));
     for (int64_t n : {1, 7, 64}) {
       for (DType res_dtype : {DType::kF32, DType::kBF16}) {
         for (DType in : {DType::kF32, DType::kBF16}) {
@@ -485,14 +485,19 @@ TEST(CudaOpsArgsTest, RejectsBadArgumentsWithoutTouchingTheDevice) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(LaunchRmsNorm(p, DType::kF32, p, kEps, 2, 8, p, DType::kBF16, nullptr).code(),
             absl::StatusCode::kInvalidArgument);  // in place with different dtypes
-  EXPECT_EQ(LaunchEmbedding(p, 10, 8, nullptr, 1, p, DType::kF32, nullptr).code(),
+  EXPECT_EQ(LaunchEmbedding(p, DType::kBF16, 10, 8, nullptr, 1, p, DType::kF32, nullptr).code(),
             absl::StatusCode::kInvalidArgument);  // null ids
   EXPECT_EQ(
-      LaunchEmbedding(p, 0, 8, static_cast<const int32_t*>(p), 1, p, DType::kF32, nullptr).code(),
+      LaunchEmbedding(p, DType::kBF16, 0, 8, static_cast<const int32_t*>(p), 1, p, DType::kF32, nullptr)
+          .code(),
       absl::StatusCode::kInvalidArgument);  // empty vocabulary
   EXPECT_EQ(LaunchAddRmsNorm(p, DType::kF32, p, DType::kF32, p, kEps, 1, 8, p, DType::kF32, nullptr)
                 .code(),
             absl::StatusCode::kInvalidArgument);  // out == residual
+  EXPECT_EQ(LaunchEmbedding(p, DType::kF8E4M3, 10, 8, static_cast<const int32_t*>(p), 1, p,
+                            DType::kF32, nullptr)
+                .code(),
+            absl::StatusCode::kInvalidArgument);  // fp8 table
   // Zero rows is a valid no-op.
   EXPECT_TRUE(
       LaunchRmsNorm(nullptr, DType::kF32, nullptr, kEps, 0, 8, nullptr, DType::kF32, nullptr).ok());

@@ -1,0 +1,349 @@
+// qshard_cuda_bench: the CUDA backend on a model shape with random weights (no download),
+// printed as a table next to baselines measured in the same run on the same card:
+//   - the memory roofline: a device-to-device copy (bytes read + written per second), and
+//     the batch-1 decode rate it allows = bandwidth / bytes read per token (every weight
+//     of the decoder linears and the lm_head);
+//   - the dense bf16 tensor-core rate: cuBLASLt on an 8192^3 GEMM.
+// Per weight format it times (medians, after a warm-up):
+//   - all decoder linears of every layer at M = 1 and 16 rows (the set the anchors
+//     time: 32 layers x q, k, v, o, gate, up, down for Llama-3.1-8B), as ms and the weight
+//     bytes streamed per second;
+//   - decode steps at each batch size (one token per sequence per step, context
+//     --context tokens; the logits of every sequence come back to the host each step, as
+//     the engine needs them for sampling);
+//   - one prefill of --prefill tokens.
+//
+//   qshard_cuda_bench [--shape llama-3.1-8b] [--formats bf16,fp8,gptq-4bit,awq-4bit]
+//                     [--batches 1,8,32,64] [--context 256] [--steps 16] [--prefill 2048]
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "kv/model_shapes.h"
+#include "runtime/backend/cuda/cublaslt_linear.h"
+#include "runtime/backend/cuda/cuda_backend.h"
+#include "runtime/backend/cuda/cuda_context.h"
+#include "runtime/base/half.h"
+#include "runtime/base/status_macros.h"
+#include "runtime/model/llama_model.h"
+
+namespace qshard {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Seconds(Clock::time_point a) {
+  return std::chrono::duration<double>(Clock::now() - a).count();
+}
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+#define BENCH_CUDA(expr)                                                          \
+  do {                                                                            \
+    const cudaError_t e_ = (expr);                                                \
+    if (e_ != cudaSuccess) {                                                      \
+      return absl::InternalError(absl::StrCat(#expr, ": ", cudaGetErrorString(e_))); \
+    }                                                                             \
+  } while (0)
+
+// Device-to-device copy rate (bytes read + written per second), 1 GiB each way, median of
+// 20 copies timed with events.
+absl::StatusOr<double> CopyBandwidth() {
+  const size_t bytes = size_t{1} << 30;
+  QSHARD_ASSIGN_OR_RETURN(cuda::DeviceBuffer a, cuda::DeviceBuffer::Allocate(bytes));
+  QSHARD_ASSIGN_OR_RETURN(cuda::DeviceBuffer b, cuda::DeviceBuffer::Allocate(bytes));
+  BENCH_CUDA(cudaMemset(a.get(), 0x3c, bytes));
+  cudaEvent_t e0, e1;
+  BENCH_CUDA(cudaEventCreate(&e0));
+  BENCH_CUDA(cudaEventCreate(&e1));
+  std::vector<double> times;
+  for (int i = 0; i < 23; ++i) {
+    BENCH_CUDA(cudaEventRecord(e0));
+    BENCH_CUDA(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice));
+    BENCH_CUDA(cudaEventRecord(e1));
+    BENCH_CUDA(cudaEventSynchronize(e1));
+    float ms = 0;
+    BENCH_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+    if (i >= 3) times.push_back(ms * 1e-3);
+  }
+  (void)cudaEventDestroy(e0);
+  (void)cudaEventDestroy(e1);
+  return 2.0 * bytes / Median(times);
+}
+
+// Random bf16 values in [-1, 1) uploaded to `dst` (never benchmark on zeros).
+absl::Status FillRandomBf16(void* dst, size_t count, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<uint16_t> h(count);
+  for (auto& v : h) v = F32ToBf16(u(rng));
+  BENCH_CUDA(cudaMemcpy(dst, h.data(), count * 2, cudaMemcpyHostToDevice));
+  return absl::OkStatus();
+}
+
+// Dense bf16 tensor-core rate: cuBLASLt y[n, n] = x[n, n] . w[n, n]^T, n = 8192.
+absl::StatusOr<double> Bf16GemmTflops() {
+  const int64_t n = 8192;
+  QSHARD_ASSIGN_OR_RETURN(auto blas, cuda::CublasLtLinear::Create());
+  QSHARD_ASSIGN_OR_RETURN(cuda::DeviceBuffer x, cuda::DeviceBuffer::Allocate(n * n * 2));
+  QSHARD_ASSIGN_OR_RETURN(cuda::DeviceBuffer w, cuda::DeviceBuffer::Allocate(n * n * 2));
+  QSHARD_ASSIGN_OR_RETURN(cuda::DeviceBuffer y, cuda::DeviceBuffer::Allocate(n * n * 2));
+  QSHARD_RETURN_IF_ERROR(FillRandomBf16(x.get(), n * n, 1));
+  QSHARD_RETURN_IF_ERROR(FillRandomBf16(w.get(), n * n, 2));
+  std::vector<double> times;
+  for (int i = 0; i < 13; ++i) {
+    BENCH_CUDA(cudaDeviceSynchronize());
+    auto t0 = Clock::now();
+    QSHARD_RETURN_IF_ERROR(blas->Linear(x.get(), w.get(), y.get(), DType::kBF16, n, n, n, nullptr));
+    BENCH_CUDA(cudaDeviceSynchronize());
+    if (i >= 3) times.push_back(Seconds(t0));
+  }
+  return 2.0 * n * n * n / Median(times) / 1e12;
+}
+
+struct FormatResult {
+  std::string format, kernel;
+  double linear_bytes = 0;  // decoder linears + lm_head, bytes read per decode step
+  std::map<int64_t, double> linear_ms;  // M -> all decoder linears, ms
+  std::map<int64_t, double> decode_tps;  // batch -> tokens/s
+  double prefill_tps = 0;
+  std::string error;
+};
+
+// All decoder linears of every layer at M rows, median ms of 10 passes.
+absl::StatusOr<double> TimeLinears(LlamaModel& model, int64_t m) {
+  Backend& b = model.backend();
+  StepMetadata empty;
+  QSHARD_RETURN_IF_ERROR(b.BeginStep(empty));  // rewinds the step arena
+  const ModelConfig& c = model.config();
+  const int64_t widest = std::max({c.hidden_size, c.intermediate_size,
+                                   c.num_heads * c.head_dim});
+  Tensor x = b.Allocate(m, widest);
+  Tensor y = b.Allocate(m, 2 * widest);
+  QSHARD_RETURN_IF_ERROR(FillRandomBf16(x.raw(), m * widest, 7));
+  std::vector<double> times;
+  for (int rep = 0; rep < 12; ++rep) {
+    BENCH_CUDA(cudaDeviceSynchronize());
+    auto t0 = Clock::now();
+    for (int64_t l = 0; l < c.num_layers; ++l) {
+      for (const LinearOp* op : model.DecoderLinears(static_cast<int>(l))) {
+        Tensor xin(x.dtype(), {m, op->in_features()}, x.raw(), nullptr, Device::kCuda);
+        Tensor yout(y.dtype(), {m, op->out_features()}, y.raw(), nullptr, Device::kCuda);
+        b.Linear(xin, *op, yout);
+      }
+    }
+    BENCH_CUDA(cudaDeviceSynchronize());
+    if (rep >= 2) times.push_back(Seconds(t0));
+  }
+  // Surfaces any error the ops kept.
+  std::vector<float> one(1);
+  QSHARD_RETURN_IF_ERROR(b.CopyToHost(Tensor(y.dtype(), {1, 1}, y.raw(), nullptr, Device::kCuda),
+                                      one.data()));
+  return Median(times) * 1e3;
+}
+
+absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
+                       const std::vector<int64_t>& batches, int64_t context, int64_t steps,
+                       int64_t prefill, FormatResult& r) {
+  QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, CreateCudaBackend());
+  auto t0 = Clock::now();
+  QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model,
+                          LlamaModel::CreateDummy(shape, format, backend.get(), 1234));
+  std::fprintf(stderr, "  %s: random weights built and uploaded in %.1f s\n", format.c_str(),
+               Seconds(t0));
+  r.kernel = model->weight_summary().linear_kernel;
+  for (int64_t l = 0; l < shape.num_layers; ++l) {
+    for (const LinearOp* op : model->DecoderLinears(static_cast<int>(l))) {
+      r.linear_bytes += static_cast<double>(op->weight_bytes());
+    }
+  }
+  r.linear_bytes += 2.0 * shape.vocab_size * shape.hidden_size;  // bf16 lm_head
+
+  for (int64_t m : {1, 16}) {
+    QSHARD_ASSIGN_OR_RETURN(r.linear_ms[m], TimeLinears(*model, m));
+  }
+
+  // KV cache for the largest batch and the prefill.
+  const int64_t bs = 16;
+  const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
+  const int64_t blocks_per_seq = (context + steps + bs - 1) / bs;
+  KvCacheSpec spec;
+  spec.num_layers = shape.num_layers;
+  spec.num_kv_heads = shape.num_kv_heads;
+  spec.head_dim = shape.head_dim;
+  spec.block_size = bs;
+  spec.dtype = DType::kBF16;
+  spec.num_blocks = std::max(max_batch * blocks_per_seq, (prefill + bs - 1) / bs);
+  QSHARD_RETURN_IF_ERROR(model->AllocateKvCache(spec));
+
+  const int64_t vocab = shape.vocab_size;
+  auto token = [&](int64_t i) { return static_cast<int32_t>(3 + (i * 7919) % (vocab - 3)); };
+  std::vector<float> logits;
+  for (int64_t B : batches) {
+    std::vector<std::vector<int32_t>> tables(B), prompts(B);
+    for (int64_t s = 0; s < B; ++s) {
+      for (int64_t blk = 0; blk < blocks_per_seq; ++blk) {
+        tables[s].push_back(static_cast<int32_t>(s * blocks_per_seq + blk));
+      }
+      for (int64_t i = 0; i < context; ++i) prompts[s].push_back(token(s * 131 + i));
+    }
+    std::vector<SequenceChunk> chunks(B);
+    // Contexts, a few sequences per step (bounded activation memory).
+    for (int64_t s0 = 0; s0 < B; s0 += 8) {
+      std::vector<SequenceChunk> part;
+      for (int64_t s = s0; s < std::min(B, s0 + 8); ++s) {
+        part.push_back({prompts[s], 0, tables[s], LogitsMode::kLast});
+      }
+      QSHARD_RETURN_IF_ERROR(model->Forward(part, &logits));
+    }
+    std::vector<int32_t> next(B);
+    std::vector<double> times;
+    for (int64_t step = 0; step < steps; ++step) {
+      for (int64_t s = 0; s < B; ++s) {
+        next[s] = token(step * 17 + s);
+        chunks[s] = {absl::Span<const int32_t>(&next[s], 1), static_cast<int32_t>(context + step),
+                     tables[s], LogitsMode::kLast};
+      }
+      auto ts = Clock::now();
+      QSHARD_RETURN_IF_ERROR(model->Forward(chunks, &logits));  // ends with the logits on the host
+      if (step >= 2) times.push_back(Seconds(ts));
+    }
+    r.decode_tps[B] = B / Median(times);
+  }
+
+  {
+    std::vector<int32_t> ids(prefill);
+    for (int64_t i = 0; i < prefill; ++i) ids[i] = token(i);
+    std::vector<int32_t> table((prefill + bs - 1) / bs);
+    std::iota(table.begin(), table.end(), 0);
+    SequenceChunk c{ids, 0, table, LogitsMode::kLast};
+    std::vector<double> times;
+    for (int rep = 0; rep < 4; ++rep) {
+      auto ts = Clock::now();
+      QSHARD_RETURN_IF_ERROR(model->Forward({&c, 1}, &logits));
+      if (rep >= 1) times.push_back(Seconds(ts));
+    }
+    r.prefill_tps = prefill / Median(times);
+  }
+  return absl::OkStatus();
+}
+
+std::vector<int64_t> ParseInts(const std::string& s) {
+  std::vector<int64_t> v;
+  for (absl::string_view p : absl::StrSplit(s, ',', absl::SkipEmpty())) {
+    int64_t x = 0;
+    if (absl::SimpleAtoi(p, &x) && x > 0) v.push_back(x);
+  }
+  return v;
+}
+
+int Main(int argc, char** argv) {
+  std::string shape_name = "llama-3.1-8b";
+  std::string formats = "bf16,fp8,gptq-4bit,awq-4bit";
+  std::vector<int64_t> batches = {1, 8, 32, 64};
+  int64_t context = 256, steps = 16, prefill = 2048;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "%s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--shape") shape_name = next();
+    else if (a == "--formats") formats = next();
+    else if (a == "--batches") batches = ParseInts(next());
+    else if (a == "--context") context = ParseInts(next()).at(0);
+    else if (a == "--steps") steps = std::max<int64_t>(3, ParseInts(next()).at(0));
+    else if (a == "--prefill") prefill = ParseInts(next()).at(0);
+    else {
+      std::fprintf(stderr,
+                   "usage: qshard_cuda_bench [--shape NAME] [--formats a,b] [--batches 1,8] "
+                   "[--context N] [--steps N] [--prefill N]\n");
+      return 2;
+    }
+  }
+  if (batches.empty()) batches = {1};
+  auto shape = ModelShapeByName(shape_name);
+  if (!shape.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(shape.status().message()).c_str());
+    return 2;
+  }
+  auto info = cuda::QueryDevice(0);
+  if (!info.ok()) {
+    std::fprintf(stderr, "no GPU: %s\n", std::string(info.status().message()).c_str());
+    return 1;
+  }
+  auto bw = CopyBandwidth();
+  auto tflops = Bf16GemmTflops();
+  if (!bw.ok() || !tflops.ok()) {
+    std::fprintf(stderr, "baseline failed: %s %s\n", bw.status().ToString().c_str(),
+                 tflops.status().ToString().c_str());
+    return 1;
+  }
+  // The header first and each format's row as soon as it is measured, so a run cut short
+  // (a time limit) still shows what it finished.
+  std::printf("\n## qshard_cuda_bench: %s, random weights\n", shape_name.c_str());
+  std::printf("device: %s\n", info->ToString().c_str());
+  std::printf("baselines (same run): device-to-device copy %.2f TB/s (read + write); "
+              "cuBLASLt bf16 8192^3 %.0f TFLOP/s\n",
+              *bw / 1e12, *tflops);
+  std::printf("decode: context %lld tokens, median of %lld steps, logits to the host each step; "
+              "prefill: one %lld-token prompt\n\n",
+              static_cast<long long>(context), static_cast<long long>(steps - 2),
+              static_cast<long long>(prefill));
+  std::printf("| format | kernel | weights GB/token | roofline b1 tok/s | linears M=1 ms (TB/s) "
+              "| linears M=16 ms (TB/s) |");
+  for (int64_t B : batches) std::printf(" decode b%lld tok/s |", static_cast<long long>(B));
+  std::printf(" b1 / roofline | prefill tok/s |\n|---|---|---|---|---|---|");
+  for (size_t i = 0; i < batches.size(); ++i) std::printf("---|");
+  std::printf("---|---|\n");
+  std::fflush(stdout);
+  std::vector<FormatResult> results;
+  for (absl::string_view f : absl::StrSplit(formats, ',', absl::SkipEmpty())) {
+    FormatResult r;
+    r.format = std::string(f);
+    std::fprintf(stderr, "running %s ...\n", r.format.c_str());
+    absl::Status st = RunFormat(*shape, r.format, batches, context, steps, prefill, r);
+    if (!st.ok()) r.error = st.ToString();
+    results.push_back(r);
+    if (!r.error.empty()) {
+      std::printf("| %s | FAILED: %s |\n", r.format.c_str(), r.error.c_str());
+      std::fflush(stdout);
+      continue;
+    }
+    const double roof = *bw / r.linear_bytes;
+    const double lin_bytes = r.linear_bytes - 2.0 * shape->vocab_size * shape->hidden_size;
+    std::printf("| %s | %s | %.2f | %.0f | %.3f (%.2f) | %.3f (%.2f) |", r.format.c_str(),
+                r.kernel.c_str(), r.linear_bytes / 1e9, roof, r.linear_ms.at(1),
+                lin_bytes / (r.linear_ms.at(1) * 1e-3) / 1e12, r.linear_ms.at(16),
+                lin_bytes / (r.linear_ms.at(16) * 1e-3) / 1e12);
+    for (int64_t B : batches) std::printf(" %.1f |", r.decode_tps.at(B));
+    std::printf(" %.0f%% | %.0f |\n", 100.0 * r.decode_tps.at(batches.front()) / roof,
+                r.prefill_tps);
+    std::fflush(stdout);
+  }
+  bool failed = false;
+  for (const auto& r : results) failed |= !r.error.empty();
+  return failed ? 1 : 0;
+}
+
+}  // namespace
+}  // namespace qshard
+
+int main(int argc, char** argv) { return qshard::Main(argc, argv); }

@@ -1,0 +1,90 @@
+// File: attention.h
+// Host launchers for the paged KV cache: writing a step's K/V into cache slots and causal
+// grouped-query attention over the paged cache (prefill, decode and mixed steps). Plain C++
+// (no device code); the kernels live in attention.cu.
+//
+// Cache layout per layer (same as the CPU backend): [num_blocks, num_kv_heads, block_size,
+// head_dim] in the cache dtype: f32, bf16, f16, or fp8 e4m3 / e5m2 with one fp32 scale per
+// layer for K and one for V (value = code * scale; stores round value * (1 / scale) to
+// nearest even and saturate at the format's max, exactly like cpu::StoreKvRow).
+// Activations (k, v, q, out) are fp32 or bf16. All pointers are device memory; launchers
+// only enqueue on `stream` (no allocation, no host synchronization).
+//
+//   QSHARD_RETURN_IF_ERROR(cuda::LaunchKvWrite(k, v, DType::kBF16, T, 8, 128, slot_mapping,
+//                                              k_cache, v_cache, DType::kBF16, 16, 1.f, 1.f,
+//                                              stream));
+//   cuda::PagedAttentionArgs a;  ... fill ...
+//   QSHARD_RETURN_IF_ERROR(cuda::LaunchPagedAttention(a, stream));
+#ifndef QSHARD_RUNTIME_BACKEND_CUDA_ATTENTION_H_
+#define QSHARD_RUNTIME_BACKEND_CUDA_ATTENTION_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "runtime/base/dtype.h"
+
+namespace qshard::cuda {
+
+// Writes k, v [T, kv_heads * head_dim] (act_dtype f32/bf16) into the cache:
+// token t goes to slot slot_mapping[t] = block * block_size + offset; a negative slot skips
+// the token (padding). k_scale / v_scale are used by fp8 caches only (must be > 0 then).
+absl::Status LaunchKvWrite(const void* k, const void* v, DType act_dtype, int64_t T,
+                           int64_t kv_heads, int64_t head_dim, const int32_t* slot_mapping,
+                           void* k_cache, void* v_cache, DType cache_dtype, int64_t block_size,
+                           float k_scale, float v_scale, cudaStream_t stream);
+
+struct PagedAttentionArgs {
+  const void* q = nullptr;  // [num_tokens, num_heads * head_dim] in dtype
+  void* out = nullptr;      // [num_tokens, num_heads * head_dim] in dtype (must not alias q)
+  DType dtype = DType::kF32;  // activations: f32 or bf16
+
+  const void* k_cache = nullptr;  // this layer's [num_blocks, num_kv_heads, block_size, D]
+  const void* v_cache = nullptr;
+  DType cache_dtype = DType::kBF16;
+  float k_scale = 1.0f;  // fp8 caches only: value = code * scale
+  float v_scale = 1.0f;
+
+  int64_t num_tokens = 0;  // T
+  int64_t num_seqs = 0;    // S
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;  // divides num_heads
+  int64_t head_dim = 0;      // 64 or 128
+  int64_t block_size = 0;
+  float softmax_scale = 1.0f;  // usually 1 / sqrt(head_dim)
+
+  // Device arrays (StepMetadata uploaded). Tokens of sequence s are the contiguous range
+  // [query_start[s], query_start[s + 1]); token t attends to cache positions
+  // 0..positions[t] (its own K/V already written by LaunchKvWrite).
+  const int32_t* positions = nullptr;     // [T]
+  const int32_t* token_seq = nullptr;     // [T] sequence of each token (not read by the
+                                          // current kernels, which walk query_start)
+  const int32_t* query_start = nullptr;   // [S + 1]
+  const int32_t* context_lens = nullptr;  // [S] (not read: positions bound each token)
+  const int32_t* block_tables = nullptr;  // [S, max_blocks_per_seq], -1 padded
+  int64_t max_blocks_per_seq = 0;
+
+  // Host-known bounds: every positions[t] + 1 <= max_context_len, every sequence's query
+  // length <= max_query_len (1 means a pure decode step, which takes the split-K path).
+  int64_t max_context_len = 0;
+  int64_t max_query_len = 0;
+
+  // Scratch for split-K decode (partial max / sum / unnormalized output per split), at
+  // least PagedAttentionWorkspaceBytes(num_tokens, num_heads, head_dim, max_context_len)
+  // bytes, 16-byte aligned. May be null with 0 bytes: the launcher then runs unsplit.
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
+};
+
+// Bytes of workspace that LaunchPagedAttention may use for a step with these sizes (an upper
+// bound: the split count is chosen at launch from the batch size and the GPU's SM count).
+int64_t PagedAttentionWorkspaceBytes(int64_t num_tokens, int64_t num_heads, int64_t head_dim,
+                                     int64_t max_context_len);
+
+// out = softmax(q K^T * softmax_scale, causal) V per query head, K/V of head h / (H / KVH).
+absl::Status LaunchPagedAttention(const PagedAttentionArgs& args, cudaStream_t stream);
+
+}  // namespace qshard::cuda
+
+#endif  // QSHARD_RUNTIME_BACKEND_CUDA_ATTENTION_H_

@@ -1,0 +1,655 @@
+#include "runtime/backend/cuda/cuda_backend.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "quant/awq_format.h"
+#include "quant/compressed_tensors.h"
+#include "quant/gptq_format.h"
+#include "runtime/backend/cuda/attention.h"
+#include "runtime/backend/cuda/bias_add.h"
+#include "runtime/backend/cuda/cublaslt_linear.h"
+#include "runtime/backend/cuda/cuda_check.h"
+#include "runtime/backend/cuda/cuda_context.h"
+#include "runtime/backend/cuda/elementwise.h"
+#include "runtime/backend/cuda/embedding_rmsnorm.h"
+#include "runtime/backend/cuda/fp8_linear.h"
+#include "runtime/backend/cuda/int_weight_gemm.h"
+#include "runtime/base/half.h"
+#include "runtime/base/status_macros.h"
+#include "runtime/checkpoint/rope_frequencies.h"
+
+namespace qshard {
+namespace {
+
+using cuda::DeviceBuffer;
+
+constexpr size_t kAlign = 256;  // cudaMalloc's alignment; keeps every 16-byte path open
+
+size_t RoundUp(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+// ---------------------------------------------------------------------------
+// Per-step arena of device memory. Get() bumps a pointer; Reset() rewinds it. When a step
+// needs more than the current chunk, new chunks are added for the rest of the step and
+// Reset() replaces them all by one chunk of the total size, so the steady state is one
+// allocation and no cudaMalloc / cudaFree per step.
+// ---------------------------------------------------------------------------
+class StepArena {
+ public:
+  absl::StatusOr<void*> Get(size_t bytes) {
+    bytes = RoundUp(std::max<size_t>(bytes, 1), kAlign);
+    if (chunks_.empty() || used_ + bytes > chunks_.back().size()) {
+      const size_t last = chunks_.empty() ? 0 : chunks_.back().size();
+      QSHARD_ASSIGN_OR_RETURN(DeviceBuffer b,
+                              DeviceBuffer::Allocate(std::max({bytes, 2 * last, size_t{64} << 20})));
+      chunks_.push_back(std::move(b));
+      used_ = 0;
+    }
+    void* p = static_cast<char*>(chunks_.back().get()) + used_;
+    used_ += bytes;
+    return p;
+  }
+  // Call only when no queued work still uses the memory (after a synchronization).
+  absl::Status Reset() {
+    if (chunks_.size() > 1) {
+      size_t total = 0;
+      for (const auto& c : chunks_) total += c.size();
+      chunks_.clear();  // cudaFree synchronizes the device
+      QSHARD_ASSIGN_OR_RETURN(DeviceBuffer b, DeviceBuffer::Allocate(total));
+      chunks_.push_back(std::move(b));
+    }
+    used_ = 0;
+    return absl::OkStatus();
+  }
+
+ private:
+  std::vector<DeviceBuffer> chunks_;
+  size_t used_ = 0;
+};
+
+// Pinned host staging for the step's small index uploads (so the copies are truly
+// asynchronous and capturable later by a CUDA graph).
+class PinnedBuffer {
+ public:
+  ~PinnedBuffer() {
+    if (p_ != nullptr) (void)cudaFreeHost(p_);
+  }
+  absl::StatusOr<void*> Ensure(size_t bytes) {
+    if (bytes > size_) {
+      if (p_ != nullptr) QSHARD_CUDA_RETURN_IF_ERROR(cudaFreeHost(p_));
+      p_ = nullptr;
+      size_ = 0;
+      const size_t want = RoundUp(std::max(bytes, size_t{1} << 16), 4096);
+      QSHARD_CUDA_RETURN_IF_ERROR(cudaMallocHost(&p_, want));
+      size_ = want;
+    }
+    return p_;
+  }
+
+ private:
+  void* p_ = nullptr;
+  size_t size_ = 0;
+};
+
+// ---------------------------------------------------------------------------
+// Linear layers. Each kind takes x in input_dtype() (the backend casts when the
+// activation differs) and writes y [m, N] in y's dtype (bf16 or fp32).
+// ---------------------------------------------------------------------------
+class CudaLinear : public LinearOp {
+ public:
+  virtual DType input_dtype() const { return DType::kBF16; }
+  virtual absl::Status Run(const void* x, int64_t m, void* y, DType y_dtype,
+                           cudaStream_t stream) const = 0;
+  const float* bias() const { return bias_.as<float>(); }
+  absl::Status SetBias(const Tensor& b, cudaStream_t stream) {
+    if (b.empty()) return absl::OkStatus();
+    if (b.numel() != out_features()) {
+      return absl::InvalidArgumentError(absl::StrCat("bias has ", b.numel(),
+                                                     " elements, expected ", out_features()));
+    }
+    std::vector<float> host = ToFloatVector(b);
+    if (host.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "bias dtype ", std::string(DTypeName(b.dtype())), " (expected bf16, f16 or f32)"));
+    }
+    QSHARD_ASSIGN_OR_RETURN(bias_, DeviceBuffer::Allocate(host.size() * sizeof(float)));
+    return bias_.CopyFromHost(host.data(), host.size() * sizeof(float), stream);
+  }
+  int64_t bias_bytes() const { return static_cast<int64_t>(bias_.size()); }
+
+ private:
+  DeviceBuffer bias_;  // fp32 [N] or empty
+};
+
+// Dense bf16 / fp16 weights through cuBLASLt (fp32 checkpoints are stored as bf16).
+class DenseLinear : public CudaLinear {
+ public:
+  static absl::StatusOr<std::unique_ptr<DenseLinear>> Create(const LinearWeights& w,
+                                                             cuda::CublasLtLinear* blas,
+                                                             cudaStream_t stream) {
+    const DType dt = w.weight.dtype();
+    if (dt != DType::kBF16 && dt != DType::kF16 && dt != DType::kF32) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          w.name, ".weight: dtype ", std::string(DTypeName(dt)),
+          " is not a dense float format (expected bfloat16, float16 or float32)"));
+    }
+    if (w.weight.rank() != 2 || w.weight.dim(0) != w.out_features ||
+        w.weight.dim(1) != w.in_features) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          w.name, ".weight: shape ", ShapeToString(w.weight.shape()), ", expected [",
+          w.out_features, ", ", w.in_features, "]"));
+    }
+    auto op = std::unique_ptr<DenseLinear>(new DenseLinear());
+    op->n_ = w.out_features;
+    op->k_ = w.in_features;
+    op->blas_ = blas;
+    op->dtype_ = dt == DType::kF16 ? DType::kF16 : DType::kBF16;
+    const size_t bytes = static_cast<size_t>(op->n_ * op->k_) * 2;
+    QSHARD_ASSIGN_OR_RETURN(op->w_, DeviceBuffer::Allocate(bytes));
+    if (dt == DType::kF32) {
+      std::vector<uint16_t> host(static_cast<size_t>(op->n_ * op->k_));
+      const float* src = w.weight.data<float>();
+      for (size_t i = 0; i < host.size(); ++i) host[i] = F32ToBf16(src[i]);
+      QSHARD_RETURN_IF_ERROR(op->w_.CopyFromHost(host.data(), bytes, stream));
+    } else {
+      QSHARD_RETURN_IF_ERROR(op->w_.CopyFromHost(w.weight.raw(), bytes, stream));
+    }
+    QSHARD_RETURN_IF_ERROR(op->SetBias(w.bias, stream));
+    return op;
+  }
+  int64_t in_features() const override { return k_; }
+  int64_t out_features() const override { return n_; }
+  std::string kernel_name() const override {
+    return absl::StrCat("cublaslt-", dtype_ == DType::kF16 ? "fp16" : "bf16");
+  }
+  int64_t weight_bytes() const override {
+    return static_cast<int64_t>(w_.size()) + bias_bytes();
+  }
+  DType input_dtype() const override { return dtype_; }
+  absl::Status Run(const void* x, int64_t m, void* y, DType y_dtype,
+                   cudaStream_t stream) const override {
+    return blas_->Linear(x, w_.get(), y, y_dtype, m, n_, k_, stream, dtype_);
+  }
+
+ private:
+  DenseLinear() = default;
+  int64_t n_ = 0, k_ = 0;
+  DType dtype_ = DType::kBF16;
+  DeviceBuffer w_;  // [N, K] in dtype_
+  cuda::CublasLtLinear* blas_ = nullptr;
+};
+
+// GPTQ / AWQ / pack-quantized 4- and 8-bit weights: the Marlin-style kernel.
+class IntWeightLinear : public CudaLinear {
+ public:
+  explicit IntWeightLinear(std::unique_ptr<cuda::IntWeightGemm> gemm) : gemm_(std::move(gemm)) {}
+  int64_t in_features() const override { return gemm_->in_features(); }
+  int64_t out_features() const override { return gemm_->out_features(); }
+  std::string kernel_name() const override { return gemm_->kernel_name(); }
+  int64_t weight_bytes() const override { return gemm_->weight_bytes() + bias_bytes(); }
+  absl::Status Run(const void* x, int64_t m, void* y, DType y_dtype,
+                   cudaStream_t stream) const override {
+    return gemm_->Run(x, m, y, y_dtype, stream);
+  }
+
+ private:
+  std::unique_ptr<cuda::IntWeightGemm> gemm_;
+};
+
+// FP8 / INT8 (W8A8 or weight-only).
+class Quant8Linear : public CudaLinear {
+ public:
+  explicit Quant8Linear(std::unique_ptr<cuda::QuantLinear8> op) : op_(std::move(op)) {}
+  int64_t in_features() const override { return op_->in_features(); }
+  int64_t out_features() const override { return op_->out_features(); }
+  std::string kernel_name() const override { return op_->kernel_name(); }
+  int64_t weight_bytes() const override { return op_->weight_bytes() + bias_bytes(); }
+  absl::Status Run(const void* x, int64_t m, void* y, DType y_dtype,
+                   cudaStream_t stream) const override {
+    return op_->Run(x, m, y, y_dtype, stream);
+  }
+
+ private:
+  std::unique_ptr<cuda::QuantLinear8> op_;
+};
+
+bool IsFp8(DType t) { return t == DType::kF8E4M3 || t == DType::kF8E5M2; }
+
+// ---------------------------------------------------------------------------
+// The backend.
+// ---------------------------------------------------------------------------
+class CudaBackend : public Backend {
+ public:
+  static absl::StatusOr<std::unique_ptr<Backend>> Create() {
+    if (!cuda::CudaDeviceAvailable()) {
+      return absl::UnavailableError(
+          "--device cuda: no CUDA device or driver is visible to this process");
+    }
+    std::unique_ptr<CudaBackend> b(new CudaBackend());
+    QSHARD_ASSIGN_OR_RETURN(b->info_, cuda::QueryDevice(0));
+    QSHARD_ASSIGN_OR_RETURN(b->stream_, cuda::CudaStream::Create());
+    QSHARD_ASSIGN_OR_RETURN(b->blas_, cuda::CublasLtLinear::Create());
+    return std::unique_ptr<Backend>(std::move(b));
+  }
+  ~CudaBackend() override { (void)cudaStreamSynchronize(stream()); }
+
+  Device device() const override { return Device::kCuda; }
+  std::string name() const override { return info_.ToString(); }
+  DType activation_dtype() const override { return DType::kBF16; }
+  ::qshard::DeviceInfo device_info() const override {
+    return ::qshard::DeviceInfo::Cuda(info_.cc_major * 10 + info_.cc_minor,
+                                      info_.total_memory_bytes);
+  }
+
+  int64_t free_device_memory_bytes() const override {
+    size_t free = 0, total = 0;
+    if (cudaMemGetInfo(&free, &total) != cudaSuccess) return 0;
+    return static_cast<int64_t>(free);
+  }
+
+  // --- memory ---------------------------------------------------------------
+  absl::StatusOr<Tensor> UploadWeight(const Tensor& host) override {
+    if (host.device() != Device::kCpu) {
+      return absl::InvalidArgumentError("CUDA backend: weight is not in host memory");
+    }
+    // 1-D weights (norms) are uploaded as fp32: tiny, and exact for every source dtype.
+    // Tables (the embedding) keep their dtype: 16-bit tables are large.
+    Tensor src = host;
+    std::vector<float> converted;
+    if (host.rank() == 1 || host.dtype() == DType::kF32) {
+      converted = ToFloatVector(host);
+      if (converted.empty() && host.numel() > 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "CUDA backend: weight dtype ", std::string(DTypeName(host.dtype())),
+            " (expected bf16, f16 or f32)"));
+      }
+      src = Tensor(DType::kF32, host.shape(), converted.data(), nullptr);
+    } else if (host.dtype() != DType::kBF16 && host.dtype() != DType::kF16) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "CUDA backend: weight dtype ", std::string(DTypeName(host.dtype())),
+          " (expected bf16, f16 or f32)"));
+    }
+    QSHARD_ASSIGN_OR_RETURN(DeviceBuffer buf, DeviceBuffer::Allocate(src.nbytes()));
+    QSHARD_RETURN_IF_ERROR(buf.CopyFromHost(src.raw(), src.nbytes(), stream()));
+    auto owner = std::make_shared<DeviceBuffer>(std::move(buf));
+    return Tensor(src.dtype(), src.shape(), owner->get(), owner, Device::kCuda);
+  }
+
+  absl::StatusOr<std::unique_ptr<LinearOp>> PrepareLinear(const LinearWeights& w) override {
+    std::unique_ptr<CudaLinear> op;
+    switch (w.format) {
+      case WeightFormat::kDense: {
+        QSHARD_ASSIGN_OR_RETURN(op, DenseLinear::Create(w, blas_.get(), stream()));
+        break;
+      }
+      case WeightFormat::kGptq:
+      case WeightFormat::kAwq:
+      case WeightFormat::kPacked: {
+        if (w.act_quant != ActQuant::kNone) {
+          return absl::UnimplementedError(absl::StrCat(
+              w.name, ": integer weights with ", ActQuantName(w.act_quant),
+              " activations are not supported on the GPU (expected weight-only)"));
+        }
+        absl::StatusOr<IntQuantMatrix> m = w.format == WeightFormat::kGptq ? UnpackGptq(w)
+                                           : w.format == WeightFormat::kAwq
+                                               ? UnpackAwq(w)
+                                               : UnpackPackQuantized(w);
+        if (!m.ok()) return m.status();
+        auto gemm = cuda::IntWeightGemm::Create(*m, stream());
+        if (!gemm.ok()) {
+          return absl::Status(gemm.status().code(),
+                              absl::StrCat(w.name, ": ", gemm.status().message()));
+        }
+        op = std::make_unique<IntWeightLinear>(std::move(gemm).value());
+        break;
+      }
+      case WeightFormat::kFp8:
+      case WeightFormat::kInt8: {
+        auto q = cuda::QuantLinear8::Create(w, info_.cc_major, info_.cc_minor, stream());
+        if (!q.ok()) {
+          return absl::Status(q.status().code(), absl::StrCat(w.name, ": ", q.status().message()));
+        }
+        op = std::make_unique<Quant8Linear>(std::move(q).value());
+        break;
+      }
+    }
+    if (op == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(w.name, ": unknown weight format"));
+    }
+    if (w.format != WeightFormat::kDense) QSHARD_RETURN_IF_ERROR(op->SetBias(w.bias, stream()));
+    QSHARD_RETURN_IF_ERROR(stream_.Synchronize());  // host tensors may be freed after return
+    return std::unique_ptr<LinearOp>(std::move(op));
+  }
+
+  Tensor Allocate(int64_t rows, int64_t cols) override {
+    return AllocateTyped(DType::kBF16, rows, cols);
+  }
+  Tensor AllocateF32(int64_t rows, int64_t cols) override {
+    return AllocateTyped(DType::kF32, rows, cols);
+  }
+
+  absl::Status AllocateKvCache(const KvCacheSpec& spec) override {
+    const DType dt = spec.dtype;
+    if (dt != DType::kF32 && dt != DType::kBF16 && dt != DType::kF16 && !IsFp8(dt)) {
+      return absl::UnimplementedError(absl::StrCat(
+          "CUDA backend: KV cache dtype ", std::string(DTypeName(dt)),
+          " is not supported (expected float32, bfloat16, float16, fp8_e4m3 or fp8_e5m2)"));
+    }
+    if (static_cast<int64_t>(k_scale_.size()) != spec.num_layers) {
+      k_scale_.assign(spec.num_layers, 1.0f);
+      v_scale_.assign(spec.num_layers, 1.0f);
+      scales_pending_.assign(spec.num_layers, false);
+    }
+    k_cache_.clear();
+    v_cache_.clear();
+    const size_t bytes = static_cast<size_t>(spec.ElementsPerLayer()) * DTypeSize(dt);
+    for (int64_t l = 0; l < spec.num_layers; ++l) {
+      QSHARD_ASSIGN_OR_RETURN(DeviceBuffer k, DeviceBuffer::Allocate(bytes));
+      QSHARD_ASSIGN_OR_RETURN(DeviceBuffer v, DeviceBuffer::Allocate(bytes));
+      k_cache_.push_back(std::move(k));
+      v_cache_.push_back(std::move(v));
+    }
+    spec_ = spec;
+    return absl::OkStatus();
+  }
+  const KvCacheSpec& kv_cache_spec() const override { return spec_; }
+  void SetKvScales(int layer, float k_scale, float v_scale) override {
+    k_scale_[layer] = k_scale;
+    v_scale_[layer] = v_scale;
+  }
+  std::pair<float, float> GetKvScales(int layer) const override {
+    return {k_scale_[layer], v_scale_[layer]};
+  }
+  void CalculateKvScalesAtNextStep() override { scales_pending_.assign(spec_.num_layers, true); }
+
+  absl::Status CopyToHost(const Tensor& src, float* dst) override {
+    if (!status_.ok()) return TakeStatus();
+    const void* p = src.raw();
+    if (src.dtype() != DType::kF32) {
+      auto tmp = arena_.Get(static_cast<size_t>(src.numel()) * sizeof(float));
+      if (!tmp.ok()) return tmp.status();
+      QSHARD_RETURN_IF_ERROR(
+          cuda::LaunchCast(src.raw(), src.dtype(), *tmp, DType::kF32, src.numel(), stream()));
+      p = *tmp;
+    }
+    QSHARD_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, p, static_cast<size_t>(src.numel()) * 4,
+                                                cudaMemcpyDeviceToHost, stream()));
+    QSHARD_RETURN_IF_ERROR(stream_.Synchronize());
+    return TakeStatus();
+  }
+
+  // --- per step ---------------------------------------------------------------
+  absl::Status BeginStep(const StepMetadata& meta) override {
+    if (!status_.ok()) return TakeStatus();
+    // The previous step's uploads and kernels must be done before their staging and arena
+    // memory is reused.
+    QSHARD_RETURN_IF_ERROR(stream_.Synchronize());
+    QSHARD_RETURN_IF_ERROR(arena_.Reset());
+    staged_ = 0;
+    meta_ = &meta;
+    const int32_t T = meta.num_tokens(), S = meta.num_seqs();
+    std::vector<int32_t> token_seq(T, 0);
+    max_query_len_ = 0;
+    for (int32_t s = 0; s < S; ++s) {
+      for (int32_t t = meta.query_start[s]; t < meta.query_start[s + 1]; ++t) token_seq[t] = s;
+      max_query_len_ = std::max(max_query_len_, meta.query_start[s + 1] - meta.query_start[s]);
+    }
+    max_context_len_ = 0;
+    for (int32_t c : meta.context_lens) max_context_len_ = std::max(max_context_len_, c);
+    QSHARD_ASSIGN_OR_RETURN(d_positions_, Upload(meta.positions));
+    QSHARD_ASSIGN_OR_RETURN(d_slots_, Upload(meta.slot_mapping));
+    QSHARD_ASSIGN_OR_RETURN(d_token_seq_, Upload(token_seq));
+    QSHARD_ASSIGN_OR_RETURN(d_query_start_, Upload(meta.query_start));
+    QSHARD_ASSIGN_OR_RETURN(d_context_lens_, Upload(meta.context_lens));
+    QSHARD_ASSIGN_OR_RETURN(d_block_tables_, Upload(meta.block_tables));
+    return absl::OkStatus();
+  }
+
+  // --- ops ------------------------------------------------------------------
+  void Embedding(const Tensor& table, const int32_t* ids, Tensor& out) override {
+    if (!status_.ok()) return;
+    auto d_ids = Upload(std::vector<int32_t>(ids, ids + out.dim(0)));
+    if (!Keep(d_ids.status())) return;
+    Keep(cuda::LaunchEmbedding(table.raw(), table.dtype(), table.dim(0), table.dim(1), *d_ids,
+                               out.dim(0), out.raw(), out.dtype(), stream()));
+  }
+
+  void RmsNorm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override {
+    if (!status_.ok()) return;
+    Keep(cuda::LaunchRmsNorm(x.raw(), x.dtype(), w.raw(), eps, x.dim(0), x.dim(1), out.raw(),
+                             out.dtype(), stream()));
+  }
+
+  void AddRmsNorm(Tensor& residual, const Tensor& x, const Tensor& w, float eps,
+                  Tensor& out) override {
+    if (!status_.ok()) return;
+    Keep(cuda::LaunchAddRmsNorm(residual.raw(), residual.dtype(), x.raw(), x.dtype(), w.raw(),
+                                eps, x.dim(0), x.dim(1), out.raw(), out.dtype(), stream()));
+  }
+
+  void Linear(const Tensor& x, const LinearOp& op, Tensor& y) override {
+    if (!status_.ok()) return;
+    const auto& lin = static_cast<const CudaLinear&>(op);
+    const int64_t m = x.dim(0);
+    const void* in = x.raw();
+    if (x.dtype() != lin.input_dtype()) {  // e.g. bf16 activations into an fp16 lm_head
+      auto tmp = arena_.Get(static_cast<size_t>(x.numel()) * DTypeSize(lin.input_dtype()));
+      if (!Keep(tmp.status())) return;
+      if (!Keep(cuda::LaunchCast(x.raw(), x.dtype(), *tmp, lin.input_dtype(), x.numel(),
+                                 stream()))) {
+        return;
+      }
+      in = *tmp;
+    }
+    if (lin.input_dtype() == DType::kF16 && y.dtype() != DType::kF32) {
+      // cuBLASLt has no fp16 x fp16 -> bf16 GEMM: go through fp32.
+      auto tmp = arena_.Get(static_cast<size_t>(y.numel()) * sizeof(float));
+      if (!Keep(tmp.status()) || !Keep(lin.Run(in, m, *tmp, DType::kF32, stream()))) return;
+      if (!Keep(cuda::LaunchCast(*tmp, DType::kF32, y.raw(), y.dtype(), y.numel(), stream()))) {
+        return;
+      }
+    } else if (!Keep(lin.Run(in, m, y.raw(), y.dtype(), stream()))) {
+      return;
+    }
+    if (lin.bias() != nullptr) {
+      Keep(cuda::LaunchAddBias(y.raw(), y.dtype(), lin.bias(), m, lin.out_features(), stream()));
+    }
+  }
+
+  void Rope(Tensor& q, Tensor& k, int64_t head_dim, const RopeConfig& rope) override {
+    if (!status_.ok()) return;
+    if (inv_freq_.get() == nullptr || rope_head_dim_ != head_dim || !(rope_ == rope)) {
+      const std::vector<float> f = RopeInvFrequencies(rope, head_dim);
+      auto buf = DeviceBuffer::Allocate(f.size() * sizeof(float));
+      if (!Keep(buf.status())) return;
+      inv_freq_ = std::move(buf).value();
+      if (!Keep(inv_freq_.CopyFromHost(f.data(), f.size() * sizeof(float), stream()))) return;
+      rope_head_dim_ = head_dim;
+      rope_ = rope;
+    }
+    if (q.dtype() != k.dtype()) {
+      Keep(absl::InvalidArgumentError("Rope: q and k must have the same dtype"));
+      return;
+    }
+    Keep(cuda::LaunchRope(q.raw(), k.raw(), q.dtype(), q.dim(0), q.dim(1) / head_dim,
+                          k.dim(1) / head_dim, head_dim, d_positions_, inv_freq_.as<float>(),
+                          stream()));
+  }
+
+  void Attention(int layer, const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_heads,
+                 int64_t num_kv_heads, int64_t head_dim, float scale, Tensor& out) override {
+    if (!status_.ok()) return;
+    const DType dt = spec_.dtype;
+    if (IsFp8(dt) && scales_pending_[layer]) {
+      // --calculate-kv-scales: this step's |K| / |V| maxima set the layer's scales (one
+      // host round trip, on the first step only).
+      if (!Keep(CalculateScales(layer, k, v))) return;
+    }
+    if (!Keep(cuda::LaunchKvWrite(k.raw(), v.raw(), k.dtype(), k.dim(0), num_kv_heads, head_dim,
+                                  d_slots_, k_cache_[layer].get(), v_cache_[layer].get(), dt,
+                                  spec_.block_size, k_scale_[layer], v_scale_[layer],
+                                  stream()))) {
+      return;
+    }
+    cuda::PagedAttentionArgs a;
+    a.q = q.raw();
+    a.out = out.raw();
+    a.dtype = q.dtype();
+    a.k_cache = k_cache_[layer].get();
+    a.v_cache = v_cache_[layer].get();
+    a.cache_dtype = dt;
+    a.k_scale = k_scale_[layer];
+    a.v_scale = v_scale_[layer];
+    a.num_tokens = q.dim(0);
+    a.num_seqs = meta_->num_seqs();
+    a.num_heads = num_heads;
+    a.num_kv_heads = num_kv_heads;
+    a.head_dim = head_dim;
+    a.block_size = spec_.block_size;
+    a.softmax_scale = scale;
+    a.positions = d_positions_;
+    a.token_seq = d_token_seq_;
+    a.query_start = d_query_start_;
+    a.context_lens = d_context_lens_;
+    a.block_tables = d_block_tables_;
+    a.max_blocks_per_seq = meta_->max_blocks_per_seq;
+    a.max_context_len = max_context_len_;
+    a.max_query_len = max_query_len_;
+    a.workspace_bytes = cuda::PagedAttentionWorkspaceBytes(a.num_tokens, num_heads, head_dim,
+                                                           max_context_len_);
+    if (a.workspace_bytes > 0) {
+      auto ws = arena_.Get(static_cast<size_t>(a.workspace_bytes));
+      if (!Keep(ws.status())) return;
+      a.workspace = *ws;
+    }
+    Keep(cuda::LaunchPagedAttention(a, stream()));
+  }
+
+  void SiluMul(const Tensor& gate, const Tensor& up, Tensor& out) override {
+    if (!status_.ok()) return;
+    Keep(cuda::LaunchSiluMul(gate.raw(), up.raw(), out.raw(), gate.dtype(), gate.dim(0),
+                             gate.dim(1), stream()));
+  }
+
+  void Add(Tensor& x, const Tensor& y) override {
+    if (!status_.ok()) return;
+    Keep(cuda::LaunchAdd(x.raw(), x.dtype(), y.raw(), y.dtype(), x.numel(), stream()));
+  }
+
+  void GatherRows(const Tensor& src, const std::vector<int32_t>& rows, Tensor& out) override {
+    if (!status_.ok()) return;
+    if (src.dtype() != out.dtype()) {
+      Keep(absl::InvalidArgumentError("GatherRows: source and output dtypes differ"));
+      return;
+    }
+    auto d_rows = Upload(rows);
+    if (!Keep(d_rows.status())) return;
+    Keep(cuda::LaunchGatherRows(src.raw(), src.dtype(), src.dim(1), *d_rows,
+                                static_cast<int64_t>(rows.size()), out.raw(), stream()));
+  }
+
+ private:
+  CudaBackend() = default;
+  cudaStream_t stream() const { return stream_.get(); }
+
+  // Records the first error of the step; returns whether s is OK.
+  bool Keep(const absl::Status& s) {
+    if (!s.ok() && status_.ok()) status_ = s;
+    return s.ok();
+  }
+  absl::Status TakeStatus() {
+    absl::Status s = std::move(status_);
+    status_ = absl::OkStatus();
+    return s;
+  }
+
+  Tensor AllocateTyped(DType dt, int64_t rows, int64_t cols) {
+    auto p = arena_.Get(static_cast<size_t>(rows * cols) * DTypeSize(dt));
+    if (!Keep(p.status())) {
+      // Keep shapes valid for the (skipped) ops that follow; the step reports the error.
+      return Tensor(dt, {rows, cols}, nullptr, nullptr, Device::kCuda);
+    }
+    return Tensor(dt, {rows, cols}, *p, nullptr, Device::kCuda);
+  }
+
+  // Copies host ints into the arena through the pinned staging buffer. Within a step
+  // each upload gets its own staging slice, so earlier copies still in flight are safe.
+  absl::StatusOr<const int32_t*> Upload(const std::vector<int32_t>& v) {
+    const size_t bytes = std::max<size_t>(v.size(), 1) * sizeof(int32_t);
+    const size_t need = staged_ + RoundUp(bytes, 64);
+    if (need > staging_capacity_) {
+      // Growing replaces the pinned buffer: wait for copies that read the old one.
+      QSHARD_RETURN_IF_ERROR(stream_.Synchronize());
+      QSHARD_ASSIGN_OR_RETURN(staging_, staging_buf_.Ensure(std::max(need * 2, size_t{1} << 16)));
+      staging_capacity_ = std::max(need * 2, size_t{1} << 16);
+      staged_ = 0;
+    }
+    char* host = static_cast<char*>(staging_) + staged_;
+    staged_ += RoundUp(bytes, 64);
+    if (!v.empty()) std::memcpy(host, v.data(), v.size() * sizeof(int32_t));
+    QSHARD_ASSIGN_OR_RETURN(void* dev, arena_.Get(bytes));
+    QSHARD_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, stream()));
+    return static_cast<const int32_t*>(dev);
+  }
+
+  absl::Status CalculateScales(int layer, const Tensor& k, const Tensor& v) {
+    QSHARD_ASSIGN_OR_RETURN(void* d, arena_.Get(2 * sizeof(float)));
+    float* amax = static_cast<float*>(d);
+    QSHARD_RETURN_IF_ERROR(cuda::LaunchAbsMax(k.raw(), k.dtype(), k.numel(), amax, stream()));
+    QSHARD_RETURN_IF_ERROR(cuda::LaunchAbsMax(v.raw(), v.dtype(), v.numel(), amax + 1, stream()));
+    float host[2] = {0, 0};
+    QSHARD_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(host, amax, sizeof(host), cudaMemcpyDeviceToHost, stream()));
+    QSHARD_RETURN_IF_ERROR(stream_.Synchronize());
+    const float fp8_max = spec_.dtype == DType::kF8E4M3 ? 448.0f : 57344.0f;
+    if (host[0] > 0) k_scale_[layer] = host[0] / fp8_max;
+    if (host[1] > 0) v_scale_[layer] = host[1] / fp8_max;
+    scales_pending_[layer] = false;
+    return absl::OkStatus();
+  }
+
+  cuda::DeviceInfo info_;
+  cuda::CudaStream stream_;
+  std::unique_ptr<cuda::CublasLtLinear> blas_;
+  absl::Status status_;  // first error of the current step
+
+  StepArena arena_;
+  PinnedBuffer staging_buf_;
+  void* staging_ = nullptr;
+  size_t staging_capacity_ = 0;
+  size_t staged_ = 0;
+
+  // The step's layout (device copies, valid until the next BeginStep).
+  const StepMetadata* meta_ = nullptr;
+  const int32_t* d_positions_ = nullptr;
+  const int32_t* d_slots_ = nullptr;
+  const int32_t* d_token_seq_ = nullptr;
+  const int32_t* d_query_start_ = nullptr;
+  const int32_t* d_context_lens_ = nullptr;
+  const int32_t* d_block_tables_ = nullptr;
+  int32_t max_context_len_ = 0;
+  int32_t max_query_len_ = 0;
+
+  KvCacheSpec spec_;
+  std::vector<DeviceBuffer> k_cache_, v_cache_;  // per layer [blocks, kv_heads, block_size, D]
+  std::vector<float> k_scale_, v_scale_;
+  std::vector<bool> scales_pending_;
+
+  DeviceBuffer inv_freq_;  // fp32 [D/2]
+  int64_t rope_head_dim_ = 0;
+  RopeConfig rope_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend() { return CudaBackend::Create(); }
+
+}  // namespace qshard

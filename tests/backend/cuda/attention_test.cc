@@ -1,0 +1,501 @@
+// GPU KV cache write and paged attention (runtime/backend/cuda/attention.h) against a
+// float64 host reference.
+//
+// Without a CUDA device every test skips with a message.
+//
+// Method per case: a paged cache whose block tables are a shuffled permutation of the
+// physical blocks (so a wrong block lookup reads someone else's data), caches poisoned with
+// 0xFF bytes (NaN in every float format; e4m3's 0xFF is NaN too) before anything is written,
+// so reading a slot that was never written turns the output into NaN. The history (cached
+// tokens) is written with one LaunchKvWrite, the step's K/V with a second one (as the
+// engine does), then LaunchPagedAttention runs with a poisoned output and workspace.
+//   - KV write: the downloaded cache must equal, byte for byte, what cpu::StoreKvRow
+//     produces for the same rows (0xFF elsewhere). Exact: both round value * (1/scale) in
+//     fp32 to nearest even with saturation (fp8) or round to nearest even (bf16/f16).
+//   - Attention: the reference uses the K/V values the cache really holds
+//     (cpu::LoadKvRow(cpu::StoreKvRow(x))), the same act-rounded q, and computes scores,
+//     softmax and P.V in double. So the cache dtype does not change the tolerance; only the
+//     GPU's fp32 arithmetic and the output rounding remain:
+//       fp32 out: dot products and exp/sums in fp32 give ~1e-6 relative errors (scores are
+//       O(1-5), D <= 128): bound 2e-5 normwise, per element 1e-4 |want| + 1e-4 rms(row).
+//       Dropping or duplicating one key of a 4100-token context moves the output by ~1/4100
+//       of |v| ~ 2e-4 against an output RMS of ~1e-2: ~1e-2 relative, far outside.
+//       bf16 out: one extra rounding, half an ulp = 2^-8 |value|: per element
+//       5e-3 |want| + 1e-4 rms(row), normwise 4e-3.
+//   - NaN or inf anywhere fails.
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "runtime/backend/cpu/kv_rows.h"
+#include "runtime/backend/cuda/attention.h"
+#include "runtime/backend/cuda/cuda_context.h"
+#include "runtime/base/dtype.h"
+#include "runtime/base/half.h"
+#include "runtime/base/status_macros.h"
+
+namespace qshard::cuda {
+namespace {
+
+#define QSHARD_ASSERT_OK(expr)                  \
+  do {                                          \
+    const ::absl::Status qshard_st_ = (expr);   \
+    ASSERT_TRUE(qshard_st_.ok()) << qshard_st_; \
+  } while (0)
+
+std::string Name(DType t) { return std::string(DTypeName(t)); }
+
+float RoundAct(DType t, float x) { return t == DType::kBF16 ? Bf16ToF32(F32ToBf16(x)) : x; }
+
+std::vector<uint8_t> EncodeAct(const std::vector<float>& v, DType t) {
+  std::vector<uint8_t> bytes(v.size() * DTypeSize(t));
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (t == DType::kF32) {
+      std::memcpy(bytes.data() + 4 * i, &v[i], 4);
+    } else {
+      const uint16_t h = F32ToBf16(v[i]);
+      std::memcpy(bytes.data() + 2 * i, &h, 2);
+    }
+  }
+  return bytes;
+}
+
+absl::StatusOr<DeviceBuffer> UploadBytes(const void* p, size_t bytes, cudaStream_t stream) {
+  QSHARD_ASSIGN_OR_RETURN(DeviceBuffer buf, DeviceBuffer::Allocate(std::max<size_t>(bytes, 16)));
+  if (bytes > 0) QSHARD_RETURN_IF_ERROR(buf.CopyFromHost(p, bytes, stream));
+  return buf;
+}
+absl::StatusOr<DeviceBuffer> PoisonedBytes(size_t bytes, cudaStream_t stream) {
+  QSHARD_ASSIGN_OR_RETURN(DeviceBuffer buf, DeviceBuffer::Allocate(std::max<size_t>(bytes, 16)));
+  QSHARD_RETURN_IF_ERROR(buf.Fill(0xFF, stream));
+  return buf;
+}
+
+struct SeqSpec {
+  int64_t cached;  // tokens already in the cache before this step
+  int64_t q_len;   // tokens of this step
+};
+
+struct AttnCase {
+  std::string name;
+  DType act = DType::kF32;
+  DType cache = DType::kBF16;
+  int64_t heads = 8, kv_heads = 2, head_dim = 128, block_size = 16;
+  std::vector<SeqSpec> seqs;
+  float k_scale = 1.0f, v_scale = 1.0f;
+  bool workspace = true;  // give the launcher a workspace (split-K allowed)
+};
+
+std::string Describe(const AttnCase& c) {
+  std::string seqs;
+  for (const SeqSpec& s : c.seqs) absl::StrAppend(&seqs, "(", s.cached, "+", s.q_len, ")");
+  return absl::StrCat(c.name, " [act ", Name(c.act), ", cache ", Name(c.cache), ", H ", c.heads,
+                      ", KVH ", c.kv_heads, ", D ", c.head_dim, ", bs ", c.block_size,
+                      ", seqs ", seqs, c.workspace ? "" : ", no workspace", "]");
+}
+
+struct Tolerance {
+  double rel, row_rms, normwise;
+};
+
+void ExpectClose(const std::vector<float>& got, const std::vector<double>& want, int64_t rows,
+                 int64_t cols, int64_t heads, const Tolerance& tol, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  int64_t bad = 0;
+  double worst = 0, diff_sq = 0, want_sq = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    double row_sq = 0;
+    for (int64_t c = 0; c < cols; ++c) row_sq += want[r * cols + c] * want[r * cols + c];
+    const double rms = std::sqrt(row_sq / cols);
+    for (int64_t c = 0; c < cols; ++c) {
+      const double g = got[r * cols + c], w = want[r * cols + c];
+      const double err = std::fabs(g - w);
+      const double bound = tol.rel * std::fabs(w) + tol.row_rms * rms;
+      if (std::isfinite(err)) {
+        diff_sq += err * err;
+      } else {
+        diff_sq = INFINITY;
+      }
+      want_sq += w * w;
+      if (!(err <= bound)) {
+        if (bad++ < 5) {
+          ADD_FAILURE() << what << ": token " << r / heads << " head " << r % heads << " dim " << c
+                        << ": got " << g << ", want " << w << ", |diff| " << err << " > bound "
+                        << bound;
+        }
+        if (std::isfinite(err)) worst = std::max(worst, err / bound);
+      }
+    }
+  }
+  EXPECT_EQ(bad, 0) << what << ": elements outside the bound or non-finite (worst finite err/bound "
+                    << worst << ")";
+  const double normwise = std::sqrt(diff_sq / want_sq);
+  EXPECT_LE(normwise, tol.normwise) << what << ": normwise relative error";
+}
+
+class CudaAttentionTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!CudaDeviceAvailable()) {
+      GTEST_SKIP() << "no CUDA device or driver on this machine: GPU attention tests skipped";
+    }
+    auto s = CudaStream::Create();
+    ASSERT_TRUE(s.ok()) << s.status();
+    stream_ = std::move(s).value();
+  }
+  cudaStream_t stream() const { return stream_.get(); }
+
+  void RunCase(const AttnCase& c, uint32_t seed);
+
+  CudaStream stream_;
+};
+
+void CudaAttentionTest::RunCase(const AttnCase& c, uint32_t seed) {
+  const std::string what = Describe(c);
+  SCOPED_TRACE(what);
+  const int64_t S = static_cast<int64_t>(c.seqs.size());
+  const int64_t D = c.head_dim, H = c.heads, KVH = c.kv_heads, bs = c.block_size;
+  const int64_t G = H / KVH;
+  const size_t esz = DTypeSize(c.cache);
+  std::mt19937 rng(seed);
+
+  // Block tables over a shuffled set of physical blocks (plus spares never used).
+  std::vector<int64_t> ctx(S);
+  int64_t max_blocks = 0, total_blocks = 0, T = 0, max_ctx = 0, max_q = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    ctx[s] = c.seqs[s].cached + c.seqs[s].q_len;
+    const int64_t nb = (ctx[s] + bs - 1) / bs;
+    max_blocks = std::max(max_blocks, nb);
+    total_blocks += nb;
+    T += c.seqs[s].q_len;
+    max_ctx = std::max(max_ctx, ctx[s]);
+    max_q = std::max(max_q, c.seqs[s].q_len);
+  }
+  const int64_t num_blocks = total_blocks + 3;
+  std::vector<int32_t> perm(num_blocks);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int32_t> tables(S * max_blocks, -1);
+  {
+    int64_t next = 0;
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t b = 0; b < (ctx[s] + bs - 1) / bs; ++b) tables[s * max_blocks + b] = perm[next++];
+  }
+  auto slot_of = [&](int64_t s, int64_t pos) {
+    return static_cast<int32_t>(tables[s * max_blocks + pos / bs] * bs + pos % bs);
+  };
+
+  // K/V activations for every position of every sequence [ctx, KVH * D], act-rounded.
+  // K: mostly +-1, 5% of the values up to +-4 (outliers); V: +-1.
+  std::uniform_real_distribution<float> kv_dist(-1.0f, 1.0f);
+  std::uniform_real_distribution<float> q_dist(-4.0f, 4.0f);
+  std::vector<std::vector<float>> k_act(S), v_act(S);
+  for (int64_t s = 0; s < S; ++s) {
+    k_act[s].resize(ctx[s] * KVH * D);
+    v_act[s].resize(ctx[s] * KVH * D);
+    for (float& x : k_act[s]) x = RoundAct(c.act, kv_dist(rng) * (kv_dist(rng) > 0.9f ? 4.0f : 1.0f));
+    for (float& x : v_act[s]) x = RoundAct(c.act, kv_dist(rng));
+  }
+  // History (cached tokens) and step tokens, in the engine's token order.
+  std::vector<float> hist_k, hist_v, step_k, step_v;
+  std::vector<int32_t> hist_slots, step_slots, positions, query_start{0}, context_lens, token_seq;
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t p = 0; p < ctx[s]; ++p) {
+      const bool step = p >= c.seqs[s].cached;
+      auto& kk = step ? step_k : hist_k;
+      auto& vv = step ? step_v : hist_v;
+      kk.insert(kk.end(), k_act[s].begin() + p * KVH * D, k_act[s].begin() + (p + 1) * KVH * D);
+      vv.insert(vv.end(), v_act[s].begin() + p * KVH * D, v_act[s].begin() + (p + 1) * KVH * D);
+      (step ? step_slots : hist_slots).push_back(slot_of(s, p));
+      if (step) {
+        positions.push_back(static_cast<int32_t>(p));
+        token_seq.push_back(static_cast<int32_t>(s));
+      }
+    }
+    query_start.push_back(static_cast<int32_t>(positions.size()));
+    context_lens.push_back(static_cast<int32_t>(ctx[s]));
+  }
+  // A padding token (slot -1) in the history write must be skipped.
+  hist_slots.push_back(-1);
+  hist_k.insert(hist_k.end(), KVH * D, 7.0f);
+  hist_v.insert(hist_v.end(), KVH * D, 7.0f);
+
+  // Expected cache bytes and the values the cache holds (for the reference).
+  const size_t row_bytes = D * esz;
+  const size_t cache_bytes = num_blocks * KVH * bs * row_bytes;
+  std::vector<uint8_t> want_k(cache_bytes, 0xFF), want_v(cache_bytes, 0xFF);
+  std::vector<std::vector<double>> kq(S), vq(S);  // [ctx, KVH, D] dequantized
+  std::vector<float> tmp(D);
+  for (int64_t s = 0; s < S; ++s) {
+    kq[s].resize(ctx[s] * KVH * D);
+    vq[s].resize(ctx[s] * KVH * D);
+    for (int64_t p = 0; p < ctx[s]; ++p) {
+      const int64_t slot = slot_of(s, p);
+      for (int64_t h = 0; h < KVH; ++h) {
+        const size_t off = (((slot / bs) * KVH + h) * bs + slot % bs) * row_bytes;
+        const int64_t src = (p * KVH + h) * D;
+        cpu::StoreKvRow(c.cache, k_act[s].data() + src, D, c.k_scale, want_k.data() + off);
+        cpu::StoreKvRow(c.cache, v_act[s].data() + src, D, c.v_scale, want_v.data() + off);
+        cpu::LoadKvRow(c.cache, want_k.data() + off, D, c.k_scale, tmp.data());
+        std::copy(tmp.begin(), tmp.end(), kq[s].begin() + src);
+        cpu::LoadKvRow(c.cache, want_v.data() + off, D, c.v_scale, tmp.data());
+        std::copy(tmp.begin(), tmp.end(), vq[s].begin() + src);
+      }
+    }
+  }
+
+  // q [T, H * D] and the float64 reference.
+  std::vector<float> q(T * H * D);
+  for (float& x : q) x = RoundAct(c.act, q_dist(rng));
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  std::vector<double> want(T * H * D);
+  {
+    std::vector<double> sc;
+    for (int64_t s = 0; s < S; ++s) {
+      for (int64_t t = query_start[s]; t < query_start[s + 1]; ++t) {
+        const int64_t len = positions[t] + 1;
+        sc.resize(len);
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t kvh = h / G;
+          const float* qr = q.data() + (t * H + h) * D;
+          double mx = -INFINITY;
+          for (int64_t j = 0; j < len; ++j) {
+            const double* kr = kq[s].data() + (j * KVH + kvh) * D;
+            double dot = 0;
+            for (int64_t d = 0; d < D; ++d) dot += qr[d] * kr[d];
+            sc[j] = dot * scale;
+            mx = std::max(mx, sc[j]);
+          }
+          double denom = 0;
+          for (int64_t j = 0; j < len; ++j) denom += (sc[j] = std::exp(sc[j] - mx));
+          double* o = want.data() + (t * H + h) * D;
+          for (int64_t d = 0; d < D; ++d) o[d] = 0;
+          for (int64_t j = 0; j < len; ++j) {
+            const double* vr = vq[s].data() + (j * KVH + kvh) * D;
+            for (int64_t d = 0; d < D; ++d) o[d] += sc[j] / denom * vr[d];
+          }
+        }
+      }
+    }
+  }
+
+  // Device side.
+  const cudaStream_t st = stream();
+  auto k_cache = PoisonedBytes(cache_bytes, st);
+  auto v_cache = PoisonedBytes(cache_bytes, st);
+  ASSERT_TRUE(k_cache.ok() && v_cache.ok());
+  {
+    const std::vector<uint8_t> hk = EncodeAct(hist_k, c.act), hv = EncodeAct(hist_v, c.act);
+    auto dk = UploadBytes(hk.data(), hk.size(), st);
+    auto dv = UploadBytes(hv.data(), hv.size(), st);
+    auto ds = UploadBytes(hist_slots.data(), hist_slots.size() * 4, st);
+    ASSERT_TRUE(dk.ok() && dv.ok() && ds.ok());
+    QSHARD_ASSERT_OK(LaunchKvWrite(dk->get(), dv->get(), c.act,
+                                   static_cast<int64_t>(hist_slots.size()), KVH, D,
+                                   ds->as<int32_t>(), k_cache->get(), v_cache->get(), c.cache, bs,
+                                   c.k_scale, c.v_scale, st));
+    QSHARD_ASSERT_OK(stream_.Synchronize());
+  }
+  const std::vector<uint8_t> sk = EncodeAct(step_k, c.act), sv = EncodeAct(step_v, c.act);
+  const std::vector<uint8_t> qb = EncodeAct(q, c.act);
+  auto d_sk = UploadBytes(sk.data(), sk.size(), st);
+  auto d_sv = UploadBytes(sv.data(), sv.size(), st);
+  auto d_slots = UploadBytes(step_slots.data(), step_slots.size() * 4, st);
+  auto d_q = UploadBytes(qb.data(), qb.size(), st);
+  auto d_pos = UploadBytes(positions.data(), positions.size() * 4, st);
+  auto d_seq = UploadBytes(token_seq.data(), token_seq.size() * 4, st);
+  auto d_qs = UploadBytes(query_start.data(), query_start.size() * 4, st);
+  auto d_cl = UploadBytes(context_lens.data(), context_lens.size() * 4, st);
+  auto d_bt = UploadBytes(tables.data(), tables.size() * 4, st);
+  auto d_out = PoisonedBytes(T * H * D * DTypeSize(c.act), st);
+  const int64_t ws_bytes = c.workspace ? PagedAttentionWorkspaceBytes(T, H, D, max_ctx) : 0;
+  auto d_ws = PoisonedBytes(ws_bytes, st);
+  ASSERT_TRUE(d_sk.ok() && d_sv.ok() && d_slots.ok() && d_q.ok() && d_pos.ok() && d_seq.ok() &&
+              d_qs.ok() && d_cl.ok() && d_bt.ok() && d_out.ok() && d_ws.ok());
+  QSHARD_ASSERT_OK(LaunchKvWrite(d_sk->get(), d_sv->get(), c.act, T, KVH, D,
+                                 d_slots->as<int32_t>(), k_cache->get(), v_cache->get(), c.cache,
+                                 bs, c.k_scale, c.v_scale, st));
+
+  PagedAttentionArgs a;
+  a.q = d_q->get();
+  a.out = d_out->get();
+  a.dtype = c.act;
+  a.k_cache = k_cache->get();
+  a.v_cache = v_cache->get();
+  a.cache_dtype = c.cache;
+  a.k_scale = c.k_scale;
+  a.v_scale = c.v_scale;
+  a.num_tokens = T;
+  a.num_seqs = S;
+  a.num_heads = H;
+  a.num_kv_heads = KVH;
+  a.head_dim = D;
+  a.block_size = bs;
+  a.softmax_scale = static_cast<float>(scale);
+  a.positions = d_pos->as<int32_t>();
+  a.token_seq = d_seq->as<int32_t>();
+  a.query_start = d_qs->as<int32_t>();
+  a.context_lens = d_cl->as<int32_t>();
+  a.block_tables = d_bt->as<int32_t>();
+  a.max_blocks_per_seq = max_blocks;
+  a.max_context_len = max_ctx;
+  a.max_query_len = max_q;
+  a.workspace = c.workspace ? d_ws->get() : nullptr;
+  a.workspace_bytes = ws_bytes;
+  QSHARD_ASSERT_OK(LaunchPagedAttention(a, st));
+  QSHARD_ASSERT_OK(stream_.Synchronize());
+
+  // 1) The caches, byte for byte.
+  std::vector<uint8_t> got_k(cache_bytes), got_v(cache_bytes);
+  QSHARD_ASSERT_OK(k_cache->CopyToHost(got_k.data(), cache_bytes, st));
+  QSHARD_ASSERT_OK(v_cache->CopyToHost(got_v.data(), cache_bytes, st));
+  for (int which = 0; which < 2; ++which) {
+    const auto& g = which == 0 ? got_k : got_v;
+    const auto& w = which == 0 ? want_k : want_v;
+    int64_t mismatches = 0;
+    for (size_t i = 0; i < cache_bytes; ++i) {
+      if (g[i] != w[i] && mismatches++ < 5) {
+        const size_t row = i / row_bytes;
+        ADD_FAILURE() << (which == 0 ? "K" : "V") << " cache byte " << i << " (block "
+                      << row / (KVH * bs) << ", kv head " << (row / bs) % KVH << ", offset "
+                      << row % bs << ", elem " << (i % row_bytes) / esz << "): got "
+                      << int(g[i]) << ", want " << int(w[i]);
+      }
+    }
+    EXPECT_EQ(mismatches, 0) << (which == 0 ? "K" : "V") << " cache bytes differ";
+  }
+
+  // 2) The attention output.
+  std::vector<float> got(T * H * D);
+  if (c.act == DType::kF32) {
+    QSHARD_ASSERT_OK(d_out->CopyToHost(got.data(), got.size() * 4, st));
+  } else {
+    std::vector<uint16_t> bits(got.size());
+    QSHARD_ASSERT_OK(d_out->CopyToHost(bits.data(), bits.size() * 2, st));
+    for (size_t i = 0; i < bits.size(); ++i) got[i] = Bf16ToF32(bits[i]);
+  }
+  const Tolerance tol = c.act == DType::kF32 ? Tolerance{1e-4, 1e-4, 2e-5}
+                                             : Tolerance{5e-3, 1e-4, 4e-3};
+  ExpectClose(got, want, T * H, D, H, tol, what);
+}
+
+std::vector<SeqSpec> Decode(std::initializer_list<int64_t> contexts) {
+  std::vector<SeqSpec> v;
+  for (int64_t c : contexts) v.push_back({c - 1, 1});
+  return v;
+}
+
+TEST_F(CudaAttentionTest, DecodeBatch1) {
+  uint32_t seed = 100;
+  for (int64_t ctx : {1, 17, 1000, 4100}) {
+    for (DType cache : {DType::kBF16, DType::kF32}) {
+      AttnCase c{.name = "decode b1", .act = DType::kBF16, .cache = cache, .heads = 32,
+                 .kv_heads = 8, .head_dim = 128, .block_size = 16, .seqs = Decode({ctx})};
+      RunCase(c, ++seed);
+      c.act = DType::kF32;
+      RunCase(c, ++seed);
+    }
+  }
+}
+
+TEST_F(CudaAttentionTest, DecodeBatch5MixedLengths) {
+  uint32_t seed = 200;
+  AttnCase c{.name = "decode b5", .act = DType::kBF16, .cache = DType::kF8E4M3, .heads = 12,
+             .kv_heads = 4, .head_dim = 64, .block_size = 32,
+             // v_scale: |v| / scale reaches 526 > 448, so ~15% of the V codes saturate
+             // (the reference holds the same saturated values).
+             .seqs = Decode({1, 33, 100, 517, 2000}), .k_scale = 0.011f, .v_scale = 0.0019f};
+  RunCase(c, ++seed);
+  c.act = DType::kF32;
+  RunCase(c, ++seed);
+  c.cache = DType::kF8E5M2;
+  c.k_scale = 0.5f;
+  c.v_scale = 0.125f;
+  RunCase(c, ++seed);
+  c.cache = DType::kF16;
+  c.heads = c.kv_heads = 4;  // GQA ratio 1
+  RunCase(c, ++seed);
+  c.cache = DType::kF32;
+  c.heads = 16;  // ratio 4, batch of decodes with no workspace: one CTA per sequence/head group
+  c.workspace = false;
+  RunCase(c, ++seed);
+  // A big decode batch: 64 sequences, enough CTAs that no split is taken.
+  std::vector<SeqSpec> many;
+  for (int i = 0; i < 64; ++i) many.push_back({(i * 37) % 300, 1});
+  AttnCase b{.name = "decode b64", .act = DType::kBF16, .cache = DType::kBF16, .heads = 32,
+             .kv_heads = 8, .head_dim = 128, .block_size = 16, .seqs = many};
+  RunCase(b, ++seed);
+}
+
+TEST_F(CudaAttentionTest, PrefillOneSequence) {
+  uint32_t seed = 300;
+  for (int64_t n : {1, 33, 300}) {
+    AttnCase c{.name = "prefill", .act = DType::kF32, .cache = DType::kBF16, .heads = 4,
+               .kv_heads = 4, .head_dim = 128, .block_size = 16, .seqs = {{0, n}}};
+    RunCase(c, ++seed);
+    c.heads = 12;  // ratio 3
+    c.kv_heads = 4;
+    c.head_dim = 64;
+    c.block_size = 32;
+    c.act = DType::kBF16;
+    RunCase(c, ++seed);
+    c.heads = 32;  // ratio 4, fp8 with scales != 1
+    c.kv_heads = 8;
+    c.head_dim = 128;
+    c.cache = DType::kF8E4M3;
+    c.k_scale = 0.013f;
+    c.v_scale = 0.006f;
+    RunCase(c, ++seed);
+  }
+}
+
+TEST_F(CudaAttentionTest, MixedPrefillChunkAndDecodes) {
+  uint32_t seed = 400;
+  // One prefill chunk of 57 tokens on top of 40 cached ones, and two decode tokens.
+  AttnCase c{.name = "mixed", .act = DType::kF32, .cache = DType::kF32, .heads = 8,
+             .kv_heads = 2, .head_dim = 64, .block_size = 16,
+             .seqs = {{40, 57}, {99, 1}, {4, 1}}};
+  RunCase(c, ++seed);
+  c.act = DType::kBF16;
+  c.cache = DType::kF8E4M3;
+  c.k_scale = 0.02f;
+  c.v_scale = 0.004f;
+  c.head_dim = 128;
+  c.block_size = 32;
+  RunCase(c, ++seed);
+  c.cache = DType::kBF16;
+  c.heads = 6;  // ratio 3
+  c.seqs = {{1, 1}, {700, 130}, {0, 5}};
+  RunCase(c, ++seed);
+}
+
+TEST_F(CudaAttentionTest, RejectsUnsupportedShapes) {
+  PagedAttentionArgs a;
+  a.num_tokens = a.num_seqs = 1;
+  a.num_heads = 8;
+  a.num_kv_heads = 2;
+  a.block_size = 16;
+  a.max_context_len = a.max_query_len = 1;
+  a.head_dim = 80;
+  EXPECT_EQ(LaunchPagedAttention(a, stream()).code(), absl::StatusCode::kInvalidArgument);
+  a.head_dim = 64;
+  a.num_kv_heads = 3;
+  EXPECT_EQ(LaunchPagedAttention(a, stream()).code(), absl::StatusCode::kInvalidArgument);
+  a.num_kv_heads = 2;
+  a.cache_dtype = DType::kI8;
+  EXPECT_EQ(LaunchPagedAttention(a, stream()).code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace qshard::cuda
