@@ -1,8 +1,10 @@
 #include "quant/awq_format.h"
 
+#include <algorithm>
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "quant/dense_linalg.h"
 #include "runtime/base/status_macros.h"
 
 namespace qshard {
@@ -35,15 +37,28 @@ absl::StatusOr<IntQuantMatrix> UnpackAwq(const LinearWeights& w) {
   m.num_groups = G;
   QSHARD_ASSIGN_OR_RETURN(m.g_idx, quant_internal::GroupIndex(w.name, Tensor(), K, gs, G));
   m.codes.resize(static_cast<size_t>(N * K));
+  // A transpose: threaded over blocks of k, walked in 64-input x 8-word (64-column) tiles
+  // so the codes written (K-contiguous per output row) stay in cache.
   const uint32_t* qw = w.qweight.data<uint32_t>();
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t c = 0; c < N / 8; ++c) {
-      const uint32_t word = qw[k * (N / 8) + c];
-      for (int i = 0; i < 8; ++i) {
-        m.codes[(8 * c + kAwqOrder[i]) * K + k] = static_cast<uint8_t>((word >> (4 * i)) & 0xF);
+  constexpr int64_t kTileK = 64, kTileC = 8;
+  const int64_t C = N / 8;
+  quant_internal::ParallelRange((K + kTileK - 1) / kTileK, 1, [&](int64_t bb, int64_t be) {
+    for (int64_t k0 = bb * kTileK; k0 < std::min(K, be * kTileK); k0 += kTileK) {
+      const int64_t k1 = std::min(K, k0 + kTileK);
+      for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
+        const int64_t c1 = std::min(C, c0 + kTileC);
+        for (int64_t c = c0; c < c1; ++c) {
+          for (int64_t k = k0; k < k1; ++k) {
+            const uint32_t word = qw[k * C + c];
+            for (int i = 0; i < 8; ++i) {
+              m.codes[(8 * c + kAwqOrder[i]) * K + k] =
+                  static_cast<uint8_t>((word >> (4 * i)) & 0xF);
+            }
+          }
+        }
       }
     }
-  }
+  });
   m.scales.resize(static_cast<size_t>(G * N));
   m.zeros.assign(static_cast<size_t>(G * N), 8.0f);
   for (int64_t g = 0; g < G; ++g) {

@@ -1,8 +1,10 @@
 #include "quant/gptq_format.h"
 
+#include <algorithm>
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "quant/dense_linalg.h"
 #include "runtime/base/status_macros.h"
 
 namespace qshard {
@@ -40,14 +42,29 @@ absl::StatusOr<IntQuantMatrix> UnpackGptq(const LinearWeights& w) {
   // qweight is K-packed and N-contiguous; codes are N-major: walk words in storage order
   // (streaming the checkpoint) and scatter into the rows of `codes`.
   m.codes.resize(static_cast<size_t>(N * K));
+  // A transpose: threaded over blocks of packed rows, and walked in 64 x 64-word tiles so
+  // both the words read (N-contiguous) and the codes written (K-contiguous) stay in cache.
+  // An 8B model's linears hold ~7e9 codes: minutes on one core, untiled.
   const uint32_t* qw = w.qweight.data<uint32_t>();
-  for (int64_t r = 0; r < K / per_word; ++r) {
-    for (int64_t n = 0; n < N; ++n) {
-      const uint32_t word = qw[r * N + n];
-      uint8_t* dst = m.codes.data() + n * K + r * per_word;
-      for (int j = 0; j < per_word; ++j) dst[j] = static_cast<uint8_t>((word >> (bits * j)) & mask);
+  constexpr int64_t kTile = 64;
+  const int64_t R = K / per_word;
+  quant_internal::ParallelRange((R + kTile - 1) / kTile, 1, [&](int64_t bb, int64_t be) {
+    for (int64_t r0 = bb * kTile; r0 < std::min(R, be * kTile); r0 += kTile) {
+      const int64_t r1 = std::min(R, r0 + kTile);
+      for (int64_t n0 = 0; n0 < N; n0 += kTile) {
+        const int64_t n1 = std::min(N, n0 + kTile);
+        for (int64_t n = n0; n < n1; ++n) {
+          uint8_t* dst = m.codes.data() + n * K + r0 * per_word;
+          for (int64_t r = r0; r < r1; ++r, dst += per_word) {
+            const uint32_t word = qw[r * N + n];
+            for (int j = 0; j < per_word; ++j) {
+              dst[j] = static_cast<uint8_t>((word >> (bits * j)) & mask);
+            }
+          }
+        }
+      }
     }
-  }
+  });
   m.scales.resize(static_cast<size_t>(G * N));
   m.zeros.resize(static_cast<size_t>(G * N));
   const uint32_t* qz = w.qzeros.data<uint32_t>();

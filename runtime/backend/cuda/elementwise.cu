@@ -20,6 +20,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "runtime/backend/cuda/cuda_check.h"
+#include "runtime/backend/cuda/device_convert.cuh"
 #include "runtime/backend/cuda/elementwise.h"
 
 namespace qshard::cuda {
@@ -30,30 +31,6 @@ using bf16 = __nv_bfloat16;
 constexpr int kThreads = 256;
 // Grid cap for grid-stride loops: plenty of blocks to fill any current GPU.
 constexpr int64_t kMaxBlocks = 4096;
-
-__device__ __forceinline__ float ToF32(float v) { return v; }
-__device__ __forceinline__ float ToF32(bf16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float ToF32(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T FromF32(float v);
-template <>
-__device__ __forceinline__ float FromF32<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ bf16 FromF32<bf16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half FromF32<__half>(float v) {
-  return __float2half_rn(v);
-}
-
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
 
 int64_t GridFor(int64_t work_items) {
   return std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (work_items + kThreads - 1) / kThreads));

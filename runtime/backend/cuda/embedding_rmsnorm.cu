@@ -24,6 +24,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "runtime/backend/cuda/cuda_check.h"
+#include "runtime/backend/cuda/device_convert.cuh"
 #include "runtime/backend/cuda/embedding_rmsnorm.h"
 #include "runtime/base/status_macros.h"
 
@@ -35,27 +36,6 @@ using bf16 = __nv_bfloat16;
 // Most threads per block: 16 warps. Enough vectors in flight per row for wide rows, and
 // small enough that several rows' blocks share an SM.
 constexpr int kMaxThreads = 512;
-
-__device__ __forceinline__ float ToF32(float v) { return v; }
-__device__ __forceinline__ float ToF32(bf16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float ToF32(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T FromF32(float v);
-template <>
-__device__ __forceinline__ float FromF32<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ bf16 FromF32<bf16>(float v) {
-  return __float2bfloat16_rn(v);  // round to nearest even, as the CPU's F32ToBf16
-}
-
-// kVec consecutive elements moved as one aligned access of kVec * sizeof(T) <= 16 bytes.
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
 
 template <int kVec, typename T>
 __device__ __forceinline__ void LoadF32(const T* p, float (&f)[kVec]) {

@@ -44,17 +44,12 @@
 #include "runtime/base/dtype.h"
 #include "runtime/base/half.h"
 #include "runtime/base/status_macros.h"
+#include "tests/backend/cuda/cuda_test_util.h"
 
 namespace qshard::cuda {
 namespace {
 
-#define QSHARD_ASSERT_OK(expr)                  \
-  do {                                          \
-    const ::absl::Status qshard_st_ = (expr);   \
-    ASSERT_TRUE(qshard_st_.ok()) << qshard_st_; \
-  } while (0)
-
-std::string Name(DType t) { return std::string(DTypeName(t)); }
+using ::qshard::cuda::testing::Name;
 
 float RoundAct(DType t, float x) { return t == DType::kBF16 ? Bf16ToF32(F32ToBf16(x)) : x; }
 

@@ -49,27 +49,15 @@
 #include "runtime/base/half.h"
 #include "runtime/base/status_macros.h"
 #include "runtime/base/tensor.h"
+#include "tests/backend/cuda/cuda_test_util.h"
 
 namespace qshard::cuda {
 namespace {
 
-#define QSHARD_ASSERT_OK(expr)                  \
-  do {                                          \
-    const ::absl::Status qshard_st_ = (expr);   \
-    ASSERT_TRUE(qshard_st_.ok()) << qshard_st_; \
-  } while (0)
-
-#define QSHARD_ASSERT_OK_AND_ASSIGN(lhs, expr) \
-  QSHARD_ASSERT_OK_AND_ASSIGN_IMPL_(QSHARD_CONCAT_(qshard_test_or_, __LINE__), lhs, expr)
-#define QSHARD_ASSERT_OK_AND_ASSIGN_IMPL_(tmp, lhs, expr) \
-  auto tmp = (expr);                                      \
-  ASSERT_TRUE(tmp.ok()) << tmp.status();                  \
-  lhs = std::move(tmp).value()
-
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kEps = 1e-5f;
 
-std::string Name(DType t) { return std::string(DTypeName(t)); }
+using ::qshard::cuda::testing::Name;
 
 // ---------------------------------------------------------------------------
 // Host-side data helpers

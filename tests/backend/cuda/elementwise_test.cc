@@ -39,17 +39,12 @@
 #include "runtime/base/status_macros.h"
 #include "runtime/checkpoint/model_config.h"
 #include "runtime/checkpoint/rope_frequencies.h"
+#include "tests/backend/cuda/cuda_test_util.h"
 
 namespace qshard::cuda {
 namespace {
 
-#define QSHARD_ASSERT_OK(expr)                  \
-  do {                                          \
-    const ::absl::Status qshard_st_ = (expr);   \
-    ASSERT_TRUE(qshard_st_.ok()) << qshard_st_; \
-  } while (0)
-
-std::string Name(DType t) { return std::string(DTypeName(t)); }
+using ::qshard::cuda::testing::Name;
 
 float RoundTo(DType t, float x) {
   if (t == DType::kBF16) return Bf16ToF32(F32ToBf16(x));
@@ -138,7 +133,6 @@ void ExpectWithin(const std::vector<float>& got, const std::vector<double>& want
   }
   EXPECT_EQ(bad, 0) << what << ": elements outside the bound (worst finite err/bound " << worst << ")";
 }
-
 
 class CudaElementwiseTest : public ::testing::Test {
  protected:

@@ -45,6 +45,7 @@
 #include "runtime/backend/cuda/cuda_context.h"
 #include "runtime/base/dtype.h"
 #include "runtime/base/half.h"
+#include "tests/backend/cuda/cuda_test_util.h"
 
 namespace qshard::cuda {
 namespace {
@@ -254,12 +255,6 @@ TEST(IntWeightPackTest, RejectsUnsupportedShapesWithClearMessages) {
 // ---------------------------------------------------------------------------
 // GPU
 // ---------------------------------------------------------------------------
-
-#define QSHARD_ASSERT_OK(expr)                  \
-  do {                                          \
-    const ::absl::Status qshard_st_ = (expr);   \
-    ASSERT_TRUE(qshard_st_.ok()) << qshard_st_; \
-  } while (0)
 
 class IntWeightGemmTest : public ::testing::Test {
  protected:
