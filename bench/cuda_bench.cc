@@ -11,10 +11,13 @@
 //   - decode steps at each batch size (one token per sequence per step, context
 //     --context tokens; the logits of every sequence come back to the host each step, as
 //     the engine needs them for sampling);
-//   - one prefill of --prefill tokens.
+//   - one prefill of --prefill tokens;
+//   - the same decode steps again replayed from CUDA graphs (--no-graphs skips it; a
+//     failure there is reported in the row and does not fail the run).
 //
 //   qshard_cuda_bench [--shape llama-3.1-8b] [--formats bf16,fp8,gptq-4bit,awq-4bit]
 //                     [--batches 1,8,32,64] [--context 256] [--steps 16] [--prefill 2048]
+//                     [--no-graphs]
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -120,6 +123,8 @@ struct FormatResult {
   double linear_bytes = 0;  // decoder linears + lm_head, bytes read per decode step
   std::map<int64_t, double> linear_ms;  // M -> all decoder linears, ms
   std::map<int64_t, double> decode_tps;  // batch -> tokens/s
+  std::map<int64_t, double> graph_tps;   // batch -> tokens/s with CUDA graphs (0: failed)
+  std::string graph_error;
   double prefill_tps = 0;
   std::string error;
 };
@@ -158,7 +163,7 @@ absl::StatusOr<double> TimeLinears(LlamaModel& model, int64_t m) {
 
 absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
                        const std::vector<int64_t>& batches, int64_t context, int64_t steps,
-                       int64_t prefill, FormatResult& r) {
+                       int64_t prefill, bool with_graphs, FormatResult& r) {
   QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, CreateCudaBackend());
   auto t0 = Clock::now();
   QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model,
@@ -211,18 +216,34 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
       QSHARD_RETURN_IF_ERROR(model->Forward(part, &logits));
     }
     std::vector<int32_t> next(B);
-    std::vector<double> times;
-    for (int64_t step = 0; step < steps; ++step) {
-      for (int64_t s = 0; s < B; ++s) {
-        next[s] = token(step * 17 + s);
-        chunks[s] = {absl::Span<const int32_t>(&next[s], 1), static_cast<int32_t>(context + step),
-                     tables[s], LogitsMode::kLast};
+    // The same decode steps eagerly, then (graphs) replayed from CUDA graphs: the second
+    // pass rewrites the same cache positions, which is fine for timing.
+    for (const bool graphs : {false, true}) {
+      if (graphs && !with_graphs) break;
+      QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, graphs));
+      std::vector<double> times;
+      absl::Status st;
+      for (int64_t step = 0; step < steps && st.ok(); ++step) {
+        for (int64_t s = 0; s < B; ++s) {
+          next[s] = token(step * 17 + s);
+          chunks[s] = {absl::Span<const int32_t>(&next[s], 1),
+                       static_cast<int32_t>(context + step), tables[s], LogitsMode::kLast};
+        }
+        auto ts = Clock::now();
+        st = model->Forward(chunks, &logits);  // ends with the logits on the host
+        if (step >= 2) times.push_back(Seconds(ts));
       }
-      auto ts = Clock::now();
-      QSHARD_RETURN_IF_ERROR(model->Forward(chunks, &logits));  // ends with the logits on the host
-      if (step >= 2) times.push_back(Seconds(ts));
+      if (!graphs) {
+        QSHARD_RETURN_IF_ERROR(st);
+        r.decode_tps[B] = B / Median(times);
+      } else if (st.ok()) {
+        r.graph_tps[B] = B / Median(times);
+      } else {
+        r.graph_tps[B] = 0;
+        r.graph_error = st.ToString();
+      }
     }
-    r.decode_tps[B] = B / Median(times);
+    QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, false));
   }
 
   {
@@ -256,6 +277,7 @@ int Main(int argc, char** argv) {
   std::string formats = "bf16,fp8,gptq-4bit,awq-4bit";
   std::vector<int64_t> batches = {1, 8, 32, 64};
   int64_t context = 256, steps = 16, prefill = 2048;
+  bool graphs = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -271,10 +293,11 @@ int Main(int argc, char** argv) {
     else if (a == "--context") context = ParseInts(next()).at(0);
     else if (a == "--steps") steps = std::max<int64_t>(3, ParseInts(next()).at(0));
     else if (a == "--prefill") prefill = ParseInts(next()).at(0);
+    else if (a == "--no-graphs") graphs = false;
     else {
       std::fprintf(stderr,
                    "usage: qshard_cuda_bench [--shape NAME] [--formats a,b] [--batches 1,8] "
-                   "[--context N] [--steps N] [--prefill N]\n");
+                   "[--context N] [--steps N] [--prefill N] [--no-graphs]\n");
       return 2;
     }
   }
@@ -310,16 +333,26 @@ int Main(int argc, char** argv) {
   std::printf("| format | kernel | weights GB/token | roofline b1 tok/s | linears M=1 ms (TB/s) "
               "| linears M=16 ms (TB/s) |");
   for (int64_t B : batches) std::printf(" decode b%lld tok/s |", static_cast<long long>(B));
-  std::printf(" b1 / roofline | prefill tok/s |\n|---|---|---|---|---|---|");
+  std::printf(" b1 / roofline | prefill tok/s |");
+  if (graphs) {
+    for (int64_t B : batches) std::printf(" graphs b%lld tok/s |", static_cast<long long>(B));
+    std::printf(" graphs b1 / roofline |");
+  }
+  std::printf("\n|---|---|---|---|---|---|");
   for (size_t i = 0; i < batches.size(); ++i) std::printf("---|");
-  std::printf("---|---|\n");
+  std::printf("---|---|");
+  if (graphs) {
+    for (size_t i = 0; i < batches.size(); ++i) std::printf("---|");
+    std::printf("---|");
+  }
+  std::printf("\n");
   std::fflush(stdout);
   std::vector<FormatResult> results;
   for (absl::string_view f : absl::StrSplit(formats, ',', absl::SkipEmpty())) {
     FormatResult r;
     r.format = std::string(f);
     std::fprintf(stderr, "running %s ...\n", r.format.c_str());
-    absl::Status st = RunFormat(*shape, r.format, batches, context, steps, prefill, r);
+    absl::Status st = RunFormat(*shape, r.format, batches, context, steps, prefill, graphs, r);
     if (!st.ok()) r.error = st.ToString();
     results.push_back(r);
     if (!r.error.empty()) {
@@ -334,8 +367,15 @@ int Main(int argc, char** argv) {
                 lin_bytes / (r.linear_ms.at(1) * 1e-3) / 1e12, r.linear_ms.at(16),
                 lin_bytes / (r.linear_ms.at(16) * 1e-3) / 1e12);
     for (int64_t B : batches) std::printf(" %.1f |", r.decode_tps.at(B));
-    std::printf(" %.0f%% | %.0f |\n", 100.0 * r.decode_tps.at(batches.front()) / roof,
+    std::printf(" %.0f%% | %.0f |", 100.0 * r.decode_tps.at(batches.front()) / roof,
                 r.prefill_tps);
+    if (graphs) {
+      for (int64_t B : batches) std::printf(" %.1f |", r.graph_tps.count(B) ? r.graph_tps.at(B) : 0.0);
+      const double g1 = r.graph_tps.count(batches.front()) ? r.graph_tps.at(batches.front()) : 0.0;
+      std::printf(" %.0f%% |", 100.0 * g1 / roof);
+    }
+    std::printf("\n");
+    if (!r.graph_error.empty()) std::printf("  (graphs failed: %s)\n", r.graph_error.c_str());
     std::fflush(stdout);
   }
   bool failed = false;

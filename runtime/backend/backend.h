@@ -47,6 +47,7 @@ struct StepMetadata {
   std::vector<int32_t> context_lens;  // [S] K/V length of each sequence after this step
   std::vector<int32_t> block_tables;  // [S, max_blocks_per_seq], padded with -1
   int32_t max_blocks_per_seq = 0;
+  int32_t num_logit_rows = -1;  // rows of logits the step returns (-1: not known)
   int32_t num_tokens() const { return static_cast<int32_t>(positions.size()); }
   int32_t num_seqs() const { return static_cast<int32_t>(context_lens.size()); }
 };

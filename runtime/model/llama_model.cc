@@ -491,6 +491,7 @@ absl::Status LlamaModel::Forward(absl::Span<const SequenceChunk> chunks,
     m.query_start.push_back(static_cast<int32_t>(ids.size()));
     m.context_lens.push_back(static_cast<int32_t>(end));
   }
+  m.num_logit_rows = static_cast<int32_t>(logit_rows.size());
   QSHARD_RETURN_IF_ERROR(backend_->BeginStep(m));
 
   // ---- Decoder. Shapes: T tokens, H hidden, D head dim, I intermediate. ----

@@ -3,8 +3,11 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <tuple>
 #include <string>
 #include <utility>
 #include <vector>
@@ -51,6 +54,7 @@ class StepArena {
                               DeviceBuffer::Allocate(std::max({bytes, 2 * last, size_t{64} << 20})));
       chunks_.push_back(std::move(b));
       used_ = 0;
+      ++generation_;
     }
     void* p = static_cast<char*>(chunks_.back().get()) + used_;
     used_ += bytes;
@@ -64,14 +68,20 @@ class StepArena {
       chunks_.clear();  // cudaFree synchronizes the device
       QSHARD_ASSIGN_OR_RETURN(DeviceBuffer b, DeviceBuffer::Allocate(total));
       chunks_.push_back(std::move(b));
+      ++generation_;
     }
     used_ = 0;
     return absl::OkStatus();
   }
+  // Changes whenever memory handed out earlier may have moved (a CUDA graph captured
+  // before then points at freed memory).
+  uint64_t generation() const { return generation_; }
+  size_t used() const { return used_; }
 
  private:
   std::vector<DeviceBuffer> chunks_;
   size_t used_ = 0;
+  uint64_t generation_ = 0;
 };
 
 // Pinned host staging for the step's small index uploads (so the copies are truly
@@ -236,9 +246,21 @@ class CudaBackend : public Backend {
     QSHARD_ASSIGN_OR_RETURN(b->info_, cuda::QueryDevice(0));
     QSHARD_ASSIGN_OR_RETURN(b->stream_, cuda::CudaStream::Create());
     QSHARD_ASSIGN_OR_RETURN(b->blas_, cuda::CublasLtLinear::Create());
+    const char* graphs = std::getenv("QSHARD_CUDA_GRAPHS");
+    b->graphs_enabled_ = graphs != nullptr && std::string(graphs) == "1";
     return std::unique_ptr<Backend>(std::move(b));
   }
-  ~CudaBackend() override { (void)cudaStreamSynchronize(stream()); }
+  ~CudaBackend() override {
+    if (mode_ == StepMode::kCapture) AbortCapture();
+    (void)cudaStreamSynchronize(stream());
+    DropGraphs();
+  }
+
+  void SetGraphs(bool on) {
+    graphs_enabled_ = on;
+    if (!on) DropGraphs();
+  }
+  std::pair<int64_t, int64_t> graph_stats() const { return {graph_captures_, graph_replays_}; }
 
   Device device() const override { return Device::kCuda; }
   std::string name() const override { return info_.ToString(); }
@@ -357,6 +379,7 @@ class CudaBackend : public Backend {
       v_cache_.push_back(std::move(v));
     }
     spec_ = spec;
+    ++resources_;  // captured graphs point at the old cache
     return absl::OkStatus();
   }
   const KvCacheSpec& kv_cache_spec() const override { return spec_; }
@@ -370,15 +393,40 @@ class CudaBackend : public Backend {
   void CalculateKvScalesAtNextStep() override { scales_pending_.assign(spec_.num_layers, true); }
 
   absl::Status CopyToHost(const Tensor& src, float* dst) override {
-    if (!status_.ok()) return TakeStatus();
+    if (!status_.ok()) {
+      if (mode_ == StepMode::kCapture) AbortCapture();
+      mode_ = StepMode::kEager;
+      return TakeStatus();
+    }
     const void* p = src.raw();
     if (src.dtype() != DType::kF32) {
       auto tmp = arena_.Get(static_cast<size_t>(src.numel()) * sizeof(float));
       if (!tmp.ok()) return tmp.status();
-      QSHARD_RETURN_IF_ERROR(
-          cuda::LaunchCast(src.raw(), src.dtype(), *tmp, DType::kF32, src.numel(), stream()));
+      if (mode_ != StepMode::kReplay) {
+        QSHARD_RETURN_IF_ERROR(
+            cuda::LaunchCast(src.raw(), src.dtype(), *tmp, DType::kF32, src.numel(), stream()));
+      }
       p = *tmp;
     }
+    // A captured step ends here: the graph holds everything since BeginStep (uploads
+    // included); the copy to `dst` (which may move between steps) stays outside it.
+    if (mode_ == StepMode::kCapture) QSHARD_RETURN_IF_ERROR(EndCapture());
+    if (mode_ == StepMode::kReplay) {
+      const Graph& g = graphs_.at(key_);
+      if (g.arena_used != arena_.used() || g.staged != staged_) {
+        // The ops of this step did not allocate what the captured step did: its launches
+        // were skipped, so there is nothing correct to return. (Not expected: the shape
+        // key covers everything the model allocates by.)
+        mode_ = StepMode::kEager;
+        DropGraphs();
+        return absl::InternalError(
+            "CUDA graph replay: the step's allocations differ from the captured step's; "
+            "graphs dropped (run with QSHARD_CUDA_GRAPHS=0 and report this)");
+      }
+      QSHARD_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(g.exec, stream()));
+      ++graph_replays_;
+    }
+    mode_ = StepMode::kEager;
     QSHARD_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, p, static_cast<size_t>(src.numel()) * 4,
                                                 cudaMemcpyDeviceToHost, stream()));
     QSHARD_RETURN_IF_ERROR(stream_.Synchronize());
@@ -387,6 +435,8 @@ class CudaBackend : public Backend {
 
   // --- per step ---------------------------------------------------------------
   absl::Status BeginStep(const StepMetadata& meta) override {
+    if (mode_ == StepMode::kCapture) AbortCapture();  // a step that never copied logits
+    mode_ = StepMode::kEager;
     if (!status_.ok()) return TakeStatus();
     // The previous step's uploads and kernels must be done before their staging and arena
     // memory is reused.
@@ -403,6 +453,13 @@ class CudaBackend : public Backend {
     }
     max_context_len_ = 0;
     for (int32_t c : meta.context_lens) max_context_len_ = std::max(max_context_len_, c);
+    attn_context_len_ = max_context_len_;
+    if (graphs_enabled_ && T > 0 && max_query_len_ == 1 && meta.num_logit_rows > 0 &&
+        std::find(scales_pending_.begin(), scales_pending_.end(), true) ==
+            scales_pending_.end()) {
+      QSHARD_RETURN_IF_ERROR(
+          PrepareGraphStep(T, S, meta.max_blocks_per_seq, meta.num_logit_rows));
+    }
     QSHARD_ASSIGN_OR_RETURN(d_positions_, Upload(meta.positions));
     QSHARD_ASSIGN_OR_RETURN(d_slots_, Upload(meta.slot_mapping));
     QSHARD_ASSIGN_OR_RETURN(d_token_seq_, Upload(token_seq));
@@ -416,20 +473,20 @@ class CudaBackend : public Backend {
   void Embedding(const Tensor& table, const int32_t* ids, Tensor& out) override {
     if (!status_.ok()) return;
     auto d_ids = Upload(std::vector<int32_t>(ids, ids + out.dim(0)));
-    if (!Keep(d_ids.status())) return;
+    if (!Keep(d_ids.status()) || Replaying()) return;
     Keep(cuda::LaunchEmbedding(table.raw(), table.dtype(), table.dim(0), table.dim(1), *d_ids,
                                out.dim(0), out.raw(), out.dtype(), stream()));
   }
 
   void RmsNorm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override {
-    if (!status_.ok()) return;
+    if (!status_.ok() || Replaying()) return;
     Keep(cuda::LaunchRmsNorm(x.raw(), x.dtype(), w.raw(), eps, x.dim(0), x.dim(1), out.raw(),
                              out.dtype(), stream()));
   }
 
   void AddRmsNorm(Tensor& residual, const Tensor& x, const Tensor& w, float eps,
                   Tensor& out) override {
-    if (!status_.ok()) return;
+    if (!status_.ok() || Replaying()) return;
     Keep(cuda::LaunchAddRmsNorm(residual.raw(), residual.dtype(), x.raw(), x.dtype(), w.raw(),
                                 eps, x.dim(0), x.dim(1), out.raw(), out.dtype(), stream()));
   }
@@ -439,11 +496,14 @@ class CudaBackend : public Backend {
     const auto& lin = static_cast<const CudaLinear&>(op);
     const int64_t m = x.dim(0);
     const void* in = x.raw();
+    // Scratch is taken from the arena in every mode (a replayed step must hand out the
+    // same addresses as the captured one); only the launches are skipped on replay.
+    const bool launch = !Replaying();
     if (x.dtype() != lin.input_dtype()) {  // e.g. bf16 activations into an fp16 lm_head
       auto tmp = arena_.Get(static_cast<size_t>(x.numel()) * DTypeSize(lin.input_dtype()));
       if (!Keep(tmp.status())) return;
-      if (!Keep(cuda::LaunchCast(x.raw(), x.dtype(), *tmp, lin.input_dtype(), x.numel(),
-                                 stream()))) {
+      if (launch && !Keep(cuda::LaunchCast(x.raw(), x.dtype(), *tmp, lin.input_dtype(),
+                                           x.numel(), stream()))) {
         return;
       }
       in = *tmp;
@@ -451,11 +511,12 @@ class CudaBackend : public Backend {
     if (lin.input_dtype() == DType::kF16 && y.dtype() != DType::kF32) {
       // cuBLASLt has no fp16 x fp16 -> bf16 GEMM: go through fp32.
       auto tmp = arena_.Get(static_cast<size_t>(y.numel()) * sizeof(float));
-      if (!Keep(tmp.status()) || !Keep(lin.Run(in, m, *tmp, DType::kF32, stream()))) return;
+      if (!Keep(tmp.status()) || !launch) return;
+      if (!Keep(lin.Run(in, m, *tmp, DType::kF32, stream()))) return;
       if (!Keep(cuda::LaunchCast(*tmp, DType::kF32, y.raw(), y.dtype(), y.numel(), stream()))) {
         return;
       }
-    } else if (!Keep(lin.Run(in, m, y.raw(), y.dtype(), stream()))) {
+    } else if (!launch || !Keep(lin.Run(in, m, y.raw(), y.dtype(), stream()))) {
       return;
     }
     if (lin.bias() != nullptr) {
@@ -473,7 +534,9 @@ class CudaBackend : public Backend {
       if (!Keep(inv_freq_.CopyFromHost(f.data(), f.size() * sizeof(float), stream()))) return;
       rope_head_dim_ = head_dim;
       rope_ = rope;
+      ++resources_;
     }
+    if (Replaying()) return;
     if (q.dtype() != k.dtype()) {
       Keep(absl::InvalidArgumentError("Rope: q and k must have the same dtype"));
       return;
@@ -492,7 +555,8 @@ class CudaBackend : public Backend {
       // host round trip, on the first step only).
       if (!Keep(CalculateScales(layer, k, v))) return;
     }
-    if (!Keep(cuda::LaunchKvWrite(k.raw(), v.raw(), k.dtype(), k.dim(0), num_kv_heads, head_dim,
+    if (!Replaying() &&
+        !Keep(cuda::LaunchKvWrite(k.raw(), v.raw(), k.dtype(), k.dim(0), num_kv_heads, head_dim,
                                   d_slots_, k_cache_[layer].get(), v_cache_[layer].get(), dt,
                                   spec_.block_size, k_scale_[layer], v_scale_[layer],
                                   stream()))) {
@@ -520,26 +584,27 @@ class CudaBackend : public Backend {
     a.context_lens = d_context_lens_;
     a.block_tables = d_block_tables_;
     a.max_blocks_per_seq = meta_->max_blocks_per_seq;
-    a.max_context_len = max_context_len_;
+    a.max_context_len = attn_context_len_;  // a graph bucket's bound on decode steps
     a.max_query_len = max_query_len_;
     a.workspace_bytes = cuda::PagedAttentionWorkspaceBytes(a.num_tokens, num_heads, head_dim,
-                                                           max_context_len_);
+                                                           attn_context_len_);
     if (a.workspace_bytes > 0) {
       auto ws = arena_.Get(static_cast<size_t>(a.workspace_bytes));
       if (!Keep(ws.status())) return;
       a.workspace = *ws;
     }
+    if (Replaying()) return;
     Keep(cuda::LaunchPagedAttention(a, stream()));
   }
 
   void SiluMul(const Tensor& gate, const Tensor& up, Tensor& out) override {
-    if (!status_.ok()) return;
+    if (!status_.ok() || Replaying()) return;
     Keep(cuda::LaunchSiluMul(gate.raw(), up.raw(), out.raw(), gate.dtype(), gate.dim(0),
                              gate.dim(1), stream()));
   }
 
   void Add(Tensor& x, const Tensor& y) override {
-    if (!status_.ok()) return;
+    if (!status_.ok() || Replaying()) return;
     Keep(cuda::LaunchAdd(x.raw(), x.dtype(), y.raw(), y.dtype(), x.numel(), stream()));
   }
 
@@ -550,7 +615,7 @@ class CudaBackend : public Backend {
       return;
     }
     auto d_rows = Upload(rows);
-    if (!Keep(d_rows.status())) return;
+    if (!Keep(d_rows.status()) || Replaying()) return;
     Keep(cuda::LaunchGatherRows(src.raw(), src.dtype(), src.dim(1), *d_rows,
                                 static_cast<int64_t>(rows.size()), out.raw(), stream()));
   }
@@ -558,6 +623,85 @@ class CudaBackend : public Backend {
  private:
   CudaBackend() = default;
   cudaStream_t stream() const { return stream_.get(); }
+
+  // --- CUDA graphs for decode steps -------------------------------------------
+  // A decode step launches ~10 kernels per layer (~330 for an 8B model) whose launch cost
+  // is comparable to their run time at batch 1. With QSHARD_CUDA_GRAPHS=1, a decode step
+  // of a shape seen before is captured into a graph (uploads included) the second time it
+  // occurs and replayed from then on: the ops still run their host side (pinned staging of
+  // ids and positions, arena allocations, which land at the same addresses because the
+  // arena is rewound and allocated in the same order), only the launches are skipped.
+  // Shape = (tokens, sequences, block-table width, context bucket): attention is launched
+  // for a bound rounded up to kGraphContextBucket (it reads each sequence's true length
+  // from the positions), so one graph serves 256 consecutive context lengths. Anything
+  // that moves memory a graph points at (arena growth, pinned staging growth, a new KV
+  // cache or RoPE table) drops all graphs.
+  static constexpr int32_t kGraphContextBucket = 256;
+  enum class StepMode { kEager, kCapture, kReplay };
+  struct GraphKey {
+    int32_t tokens, seqs, max_blocks, context_bucket, logit_rows;
+    bool operator<(const GraphKey& o) const {
+      return std::tie(tokens, seqs, max_blocks, context_bucket, logit_rows) <
+             std::tie(o.tokens, o.seqs, o.max_blocks, o.context_bucket, o.logit_rows);
+    }
+  };
+  struct Graph {
+    cudaGraphExec_t exec = nullptr;
+    size_t arena_used = 0;  // where the captured step left the arena and the staging:
+    size_t staged = 0;      // a replay must end at the same place
+  };
+
+  bool Replaying() const { return mode_ == StepMode::kReplay; }
+
+  absl::Status PrepareGraphStep(int32_t tokens, int32_t seqs, int32_t max_blocks,
+                                int32_t logit_rows) {
+    attn_context_len_ = static_cast<int32_t>(
+        RoundUp(static_cast<size_t>(std::max(max_context_len_, 1)), kGraphContextBucket));
+    const std::pair<uint64_t, uint64_t> gen{arena_.generation(), resources_};
+    if (gen != graph_generation_) {
+      DropGraphs();
+      graph_generation_ = gen;
+    }
+    key_ = GraphKey{tokens, seqs, max_blocks, attn_context_len_, logit_rows};
+    if (graphs_.count(key_) != 0) {
+      mode_ = StepMode::kReplay;
+    } else if (warm_[key_]++ >= 1) {
+      // Seen eagerly in this memory layout: every lazily grown buffer (kernel scratch,
+      // cuBLASLt plans, staging) has its size, so nothing allocates or synchronizes now.
+      QSHARD_CUDA_RETURN_IF_ERROR(
+          cudaStreamBeginCapture(stream(), cudaStreamCaptureModeRelaxed));
+      mode_ = StepMode::kCapture;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status EndCapture() {
+    cudaGraph_t graph = nullptr;
+    mode_ = StepMode::kEager;
+    QSHARD_CUDA_RETURN_IF_ERROR(cudaStreamEndCapture(stream(), &graph));
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+    (void)cudaGraphDestroy(graph);
+    QSHARD_CUDA_RETURN_IF_ERROR(err);
+    graphs_[key_] = Graph{exec, arena_.used(), staged_};
+    ++graph_captures_;
+    mode_ = StepMode::kReplay;  // the captured work has not run yet: launch it now
+    return absl::OkStatus();
+  }
+
+  void AbortCapture() {
+    cudaGraph_t graph = nullptr;
+    (void)cudaStreamEndCapture(stream(), &graph);
+    if (graph != nullptr) (void)cudaGraphDestroy(graph);
+    (void)cudaGetLastError();
+    mode_ = StepMode::kEager;
+  }
+
+  void DropGraphs() {
+    for (auto& [key, g] : graphs_) (void)cudaGraphExecDestroy(g.exec);
+    graphs_.clear();
+    warm_.clear();
+  }
 
   // Records the first error of the step; returns whether s is OK.
   bool Keep(const absl::Status& s) {
@@ -590,13 +734,16 @@ class CudaBackend : public Backend {
       QSHARD_ASSIGN_OR_RETURN(staging_, staging_buf_.Ensure(std::max(need * 2, size_t{1} << 16)));
       staging_capacity_ = std::max(need * 2, size_t{1} << 16);
       staged_ = 0;
+      ++resources_;  // captured graphs copy from the old pinned buffer
     }
     char* host = static_cast<char*>(staging_) + staged_;
     staged_ += RoundUp(bytes, 64);
     if (!v.empty()) std::memcpy(host, v.data(), v.size() * sizeof(int32_t));
     QSHARD_ASSIGN_OR_RETURN(void* dev, arena_.Get(bytes));
-    QSHARD_CUDA_RETURN_IF_ERROR(
-        cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, stream()));
+    if (!Replaying()) {  // a replayed graph copies from the same pinned slice
+      QSHARD_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, stream()));
+    }
     return static_cast<const int32_t*>(dev);
   }
 
@@ -643,6 +790,17 @@ class CudaBackend : public Backend {
   std::vector<float> k_scale_, v_scale_;
   std::vector<bool> scales_pending_;
 
+  // CUDA graphs (see PrepareGraphStep).
+  bool graphs_enabled_ = false;
+  StepMode mode_ = StepMode::kEager;
+  GraphKey key_{};
+  std::map<GraphKey, Graph> graphs_;
+  std::map<GraphKey, int> warm_;  // eager runs per shape in the current memory layout
+  std::pair<uint64_t, uint64_t> graph_generation_{~uint64_t{0}, 0};
+  uint64_t resources_ = 0;  // bumped when staging, KV cache or RoPE table move
+  int32_t attn_context_len_ = 0;  // attention's context bound this step
+  int64_t graph_captures_ = 0, graph_replays_ = 0;
+
   DeviceBuffer inv_freq_;  // fp32 [D/2]
   int64_t rope_head_dim_ = 0;
   RopeConfig rope_;
@@ -651,5 +809,17 @@ class CudaBackend : public Backend {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend() { return CudaBackend::Create(); }
+
+absl::Status SetCudaGraphs(Backend& backend, bool on) {
+  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
+  if (cuda == nullptr) return absl::InvalidArgumentError("SetCudaGraphs: not a CUDA backend");
+  cuda->SetGraphs(on);
+  return absl::OkStatus();
+}
+
+std::pair<int64_t, int64_t> CudaGraphStats(const Backend& backend) {
+  const auto* cuda = dynamic_cast<const CudaBackend*>(&backend);
+  return cuda == nullptr ? std::pair<int64_t, int64_t>{0, 0} : cuda->graph_stats();
+}
 
 }  // namespace qshard

@@ -21,7 +21,9 @@
 #ifndef QSHARD_RUNTIME_BACKEND_CUDA_CUDA_BACKEND_H_
 #define QSHARD_RUNTIME_BACKEND_CUDA_CUDA_BACKEND_H_
 
+#include <cstdint>
 #include <memory>
+#include <utility>
 
 #include "absl/status/statusor.h"
 #include "runtime/backend/backend.h"
@@ -31,6 +33,13 @@ namespace qshard {
 // The first visible GPU (CUDA_VISIBLE_DEVICES selects another). Fails with a clear
 // message when there is no driver or device.
 absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend();
+
+// Decode steps captured into CUDA graphs and replayed (see cuda_backend.cc). Off by
+// default until a GPU run has measured and verified it; QSHARD_CUDA_GRAPHS=1 turns it on
+// at creation. Fails when `backend` is not a CUDA backend.
+absl::Status SetCudaGraphs(Backend& backend, bool on);
+// (graphs captured, graph replays) so far; (0, 0) for other backends.
+std::pair<int64_t, int64_t> CudaGraphStats(const Backend& backend);
 
 }  // namespace qshard
 

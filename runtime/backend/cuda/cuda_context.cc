@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "runtime/backend/cuda/cuda_check.h"
+#include "runtime/backend/cuda/cublaslt_loader.h"
 
 namespace qshard::cuda {
 namespace internal {
@@ -31,9 +32,12 @@ absl::Status CudaErrorToStatus(cudaError_t err, const char* expr, const char* fi
 
 absl::Status CublasErrorToStatus(cublasStatus_t status, const char* expr, const char* file,
                                  int line) {
-  const std::string message = absl::StrCat(std::string(expr), " failed at ", std::string(file), ":",
-                                           line, ": ", std::string(cublasLtGetStatusName(status)),
-                                           " (", std::string(cublasLtGetStatusString(status)), ")");
+  const std::string load_error = CublasLtLoadError();
+  const std::string message = absl::StrCat(
+      std::string(expr), " failed at ", std::string(file), ":", line, ": ",
+      std::string(cublasLtGetStatusName(status)), " (",
+      std::string(cublasLtGetStatusString(status)), ")",
+      load_error.empty() ? "" : absl::StrCat(": ", load_error));
   switch (status) {
     case CUBLAS_STATUS_ALLOC_FAILED:
       return absl::ResourceExhaustedError(message);

@@ -43,6 +43,7 @@
 #include "absl/strings/str_cat.h"
 #include "runtime/backend/cpu/ops.h"
 #include "runtime/backend/cuda/cublaslt_linear.h"
+#include "runtime/backend/cuda/cublaslt_loader.h"
 #include "runtime/backend/cuda/cuda_context.h"
 #include "runtime/backend/cuda/embedding_rmsnorm.h"
 #include "runtime/base/dtype.h"
@@ -498,6 +499,20 @@ TEST(CudaOpsArgsTest, DeviceProbeNeverFails) {
   if (!CudaDeviceAvailable()) {
     EXPECT_FALSE(QueryDevice(0).ok());
   }
+}
+
+}  // namespace
+}  // namespace qshard::cuda
+
+namespace qshard::cuda {
+namespace {
+
+// cuBLASLt is opened with dlopen on first use (cublaslt_loader.h): the toolkit's library
+// must be found wherever the CUDA runtime is, GPU or not. The status names come from the
+// library itself once loaded (the loader's own fallback says NOT_INITIALIZED).
+TEST(CublasLtLoaderTest, OpensTheToolkitLibraryOnFirstUse) {
+  EXPECT_STREQ(cublasLtGetStatusName(CUBLAS_STATUS_SUCCESS), "CUBLAS_STATUS_SUCCESS");
+  EXPECT_EQ(CublasLtLoadError(), "");
 }
 
 }  // namespace
