@@ -313,7 +313,8 @@ int BenchMain(int argc, char** argv) {
   if (!simd.ok()) return ReportFlagError("bench", simd.status());
   BenchResult scalar;
   const bool had_simd = cpu::HasAvx2();
-  if (scalar_baseline && had_simd) {
+  const bool on_gpu = model->backend().device() != Device::kCpu;
+  if (scalar_baseline && had_simd && !on_gpu) {  // the scalar kernels are the CPU's
     cpu::SetSimdEnabled(false);
     auto sr = RunBench(*model, prefill_tokens, batches, std::min<int64_t>(decode_steps, 8), 1);
     cpu::SetSimdEnabled(true);
@@ -327,7 +328,13 @@ int BenchMain(int argc, char** argv) {
     ttft = *t;
   }
   const int64_t rss_peak = PeakResidentBytes();
-  const double bw = MeasureReadBandwidth();
+  // The host's read bandwidth is the roofline of a CPU model only; for a GPU model
+  // qshard_cuda_bench measures the device's (a device-to-device copy) in the same run.
+  const double bw = on_gpu ? 0.0 : MeasureReadBandwidth();
+  if (on_gpu) {
+    std::printf("roofline: not measured here for a GPU model (0 below); qshard_cuda_bench "
+                "measures the device's copy bandwidth in the same run\n");
+  }
   const WeightSummary& ws = model->weight_summary();
   const double weight_bytes = static_cast<double>(ws.total_bytes);
   // Decode at batch B streams all linear weights once per step. The embedding table is
@@ -372,7 +379,7 @@ int BenchMain(int argc, char** argv) {
         simd->decode_tps[i], i < scalar.decode_tps.size() ? scalar.decode_tps[i] : 0,
         roofline_step * batches[i]);
   }
-  if (!batches.empty()) {
+  if (!batches.empty() && bw > 0) {
     std::printf("\nweight streaming at decode batch %lld: %.1f GB/s (%.0f%% of the measured "
                 "read bandwidth)\n",
                 static_cast<long long>(batches[0]),
