@@ -14,26 +14,10 @@
 #include "runtime/backend/backend.h"
 #include "runtime/backend/cuda/cuda_backend.h"
 #include "runtime/model/llama_model.h"
+#include "tests/runtime/model_cuda/small_model.h"
 
 namespace qshard {
 namespace {
-
-ModelConfig SmallShape() {
-  ModelConfig c;
-  c.model_type = "llama";
-  c.hidden_size = 256;
-  c.intermediate_size = 768;
-  c.num_layers = 2;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 64;
-  c.vocab_size = 1000;
-  c.max_position_embeddings = 1024;
-  c.rms_norm_eps = 1e-5;
-  c.eos_token_ids = {2};
-  c.dtype = DType::kBF16;
-  return c;
-}
 
 class CudaGraphTest : public ::testing::TestWithParam<std::string> {};
 
@@ -44,7 +28,7 @@ TEST_P(CudaGraphTest, ReplayedDecodeStepsMatchEager) {
   ASSERT_TRUE(graph_backend.ok()) << graph_backend.status();
   ASSERT_TRUE(SetCudaGraphs(**eager_backend, false).ok());
   ASSERT_TRUE(SetCudaGraphs(**graph_backend, true).ok());
-  const ModelConfig shape = SmallShape();
+  const ModelConfig shape = testing::SmallGpuTestShape(1024);
   std::unique_ptr<LlamaModel> models[2];
   Backend* backends[2] = {eager_backend->get(), graph_backend->get()};
   for (int i = 0; i < 2; ++i) {

@@ -24,26 +24,10 @@
 #include "gtest/gtest.h"
 #include "runtime/backend/backend.h"
 #include "runtime/model/llama_model.h"
+#include "tests/runtime/model_cuda/small_model.h"
 
 namespace qshard {
 namespace {
-
-ModelConfig SmallShape() {
-  ModelConfig c;
-  c.model_type = "llama";
-  c.hidden_size = 256;
-  c.intermediate_size = 768;
-  c.num_layers = 2;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 64;
-  c.vocab_size = 1000;
-  c.max_position_embeddings = 512;
-  c.rms_norm_eps = 1e-5;
-  c.eos_token_ids = {2};
-  c.dtype = DType::kBF16;
-  return c;
-}
 
 struct Stepper {
   std::unique_ptr<Backend> backend;
@@ -66,7 +50,7 @@ TEST_P(GpuVsCpuModelTest, ForwardStepsMatchCpu) {
   auto gpu_backend = CreateBackend("cuda");
   if (!gpu_backend.ok()) GTEST_SKIP() << "no usable GPU: " << gpu_backend.status().message();
   const std::string format = GetParam();
-  const ModelConfig shape = SmallShape();
+  const ModelConfig shape = testing::SmallGpuTestShape(512);
   Stepper cpu, gpu;
   cpu.backend = std::move(CreateBackend("cpu")).value();
   gpu.backend = std::move(*gpu_backend);
