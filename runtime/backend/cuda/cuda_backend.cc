@@ -386,6 +386,7 @@ class CudaBackend : public Backend {
   void SetKvScales(int layer, float k_scale, float v_scale) override {
     k_scale_[layer] = k_scale;
     v_scale_[layer] = v_scale;
+    ++resources_;  // captured graphs hold the scales as launch arguments
   }
   std::pair<float, float> GetKvScales(int layer) const override {
     return {k_scale_[layer], v_scale_[layer]};
@@ -634,8 +635,9 @@ class CudaBackend : public Backend {
   // Shape = (tokens, sequences, block-table width, context bucket): attention is launched
   // for a bound rounded up to kGraphContextBucket (it reads each sequence's true length
   // from the positions), so one graph serves 256 consecutive context lengths. Anything
-  // that moves memory a graph points at (arena growth, pinned staging growth, a new KV
-  // cache or RoPE table) drops all graphs.
+  // that moves memory a graph points at or changes a launch argument it holds (arena
+  // growth, pinned staging growth, a new KV cache, KV scales or RoPE table) drops all
+  // graphs.
   static constexpr int32_t kGraphContextBucket = 256;
   enum class StepMode { kEager, kCapture, kReplay };
   struct GraphKey {
@@ -760,6 +762,7 @@ class CudaBackend : public Backend {
     if (host[0] > 0) k_scale_[layer] = host[0] / fp8_max;
     if (host[1] > 0) v_scale_[layer] = host[1] / fp8_max;
     scales_pending_[layer] = false;
+    ++resources_;  // captured graphs hold the scales as launch arguments
     return absl::OkStatus();
   }
 
@@ -797,7 +800,7 @@ class CudaBackend : public Backend {
   std::map<GraphKey, Graph> graphs_;
   std::map<GraphKey, int> warm_;  // eager runs per shape in the current memory layout
   std::pair<uint64_t, uint64_t> graph_generation_{~uint64_t{0}, 0};
-  uint64_t resources_ = 0;  // bumped when staging, KV cache or RoPE table move
+  uint64_t resources_ = 0;  // bumped when staging, KV cache, KV scales or RoPE table change
   int32_t attn_context_len_ = 0;  // attention's context bound this step
   int64_t graph_captures_ = 0, graph_replays_ = 0;
 
