@@ -67,7 +67,9 @@ TEST(ServiceHealthTest, HealthCommandExitsZeroOnlyWhenServing) {
 }
 
 TEST(ServiceHealthTest, DrainRefusesNewWorkAndAbortsWhatOutlivesTheTimeout) {
-  auto server = StartTestServer(TestServerOptions());
+  ServerOptions options = TestServerOptions();
+  options.engine.max_model_len = kDrainMaxModelLen;  // room for the long request
+  auto server = StartTestServer(options);
   ASSERT_NE(server, nullptr);
   auto stub = MakeStub(server->address());
 

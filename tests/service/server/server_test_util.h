@@ -185,12 +185,22 @@ inline bool WaitUntil(std::chrono::milliseconds timeout, const std::function<boo
   return true;
 }
 
-// The drain scenario's two streams: a long one (900 tokens, EOS ignored) that has produced its
-// first chunk when Start returns, and a short one (30 tokens) started right after.
+// The drain scenario's long request must still be running when a 1 s shutdown timeout
+// expires on any machine: 900 tokens were not enough once the 12M model decoded at
+// ~2,700 tok/s (it finished first and was not aborted). 8,000 tokens take several seconds
+// at any speed seen (each token also attends over a longer context); the servers of these
+// tests raise --max-model-len to fit it (the model's 1,024 positions are extrapolated by
+// RoPE, which is fine for a drain test).
+inline constexpr int32_t kDrainLongTokens = 8000;
+inline constexpr int64_t kDrainMaxModelLen = 8192;
+
+// The drain scenario's two streams: a long one (kDrainLongTokens, EOS ignored) that has
+// produced its first chunk when Start returns, and a short one (30 tokens) started right
+// after.
 class DrainStreams {
  public:
   void Start(v1::Qshard::Stub& stub) {
-    v1::GenerateRequest long_req = TextRequest("And God said", 900);
+    v1::GenerateRequest long_req = TextRequest("And God said", kDrainLongTokens);
     long_req.mutable_sampling()->set_ignore_eos(true);
     long_thread_ = std::thread([this, &stub, long_req] {
       long_result_ = Generate(stub, long_req, nullptr,

@@ -122,7 +122,8 @@ int Readiness(const std::string& address) {
 TEST(ServiceSigtermTest, ServeDrainsAndExitsZero) {
   ServeProcess serve({"--model", ModelDir(), "--host", "127.0.0.1", "--port", "0", "--metrics-port",
                       "0", "--kv-cache-memory-bytes", "64M", "--shutdown-timeout", "1",
-                      "--log-format", "json"});
+                      "--max-model-len", std::to_string(kDrainMaxModelLen), "--log-format",
+                      "json"});
   ASSERT_GT(serve.pid(), 0);
   ASSERT_TRUE(serve.WaitForPorts(milliseconds(20000))) << serve.err();
   const std::string addr = "127.0.0.1:" + std::to_string(serve.port());
