@@ -1,5 +1,6 @@
 #include "tests/test_support.h"
 
+#include <cctype>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -53,6 +54,13 @@ std::string MakeTempDir(const std::string& prefix) {
   }
   g_temp_dirs->push_back(dir);
   return dir;
+}
+
+std::string TestName(std::string text) {
+  for (char& ch : text) {
+    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+  }
+  return text;
 }
 
 }  // namespace qshard::testing

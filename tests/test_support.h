@@ -21,6 +21,9 @@ std::string BinaryDir();
 nlohmann::json LoadReference(const std::string& model_dir);
 // A fresh empty temporary directory, removed at process exit.
 std::string MakeTempDir(const std::string& prefix);
+// `text` with every character that is not a letter or digit replaced by '_': a valid
+// gtest parameterized-test name ("gptq-4bit" -> "gptq_4bit").
+std::string TestName(std::string text);
 
 }  // namespace qshard::testing
 

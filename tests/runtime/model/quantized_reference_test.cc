@@ -50,10 +50,7 @@ void PrintTo(const Case& c, std::ostream* os) {
 std::string Name(const ::testing::TestParamInfo<Case>& info) {
   std::string n = info.param.model + "_" + info.param.reference +
                   (info.param.load_model.empty() ? "" : "_online_from_" + info.param.load_model);
-  for (char& ch : n) {
-    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-  }
-  return n;
+  return ::qshard::testing::TestName(n);
 }
 
 class QuantizedReferenceTest : public ::testing::TestWithParam<Case> {

@@ -15,6 +15,7 @@
 #include "runtime/backend/cuda/cuda_backend.h"
 #include "runtime/model/llama_model.h"
 #include "tests/runtime/model_cuda/small_model.h"
+#include "tests/test_support.h"
 
 namespace qshard {
 namespace {
@@ -96,10 +97,7 @@ INSTANTIATE_TEST_SUITE_P(Formats, CudaGraphTest,
                          ::testing::Values("bf16", "fp8", "gptq-4bit", "awq-4bit"),
                          [](const ::testing::TestParamInfo<std::string>& i) {
                            std::string n = i.param;
-                           for (char& ch : n) {
-                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           }
-                           return n;
+                           return ::qshard::testing::TestName(n);
                          });
 
 }  // namespace

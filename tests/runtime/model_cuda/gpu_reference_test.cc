@@ -60,10 +60,7 @@ struct Case {
 void PrintTo(const Case& c, std::ostream* os) { *os << c.model << " " << c.reference; }
 std::string Name(const ::testing::TestParamInfo<Case>& info) {
   std::string n = info.param.model + "_" + (info.param.reference.empty() ? "base" : info.param.reference);
-  for (char& ch : n) {
-    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-  }
-  return n;
+  return ::qshard::testing::TestName(n);
 }
 
 class GpuReferenceTest : public ::testing::TestWithParam<Case> {

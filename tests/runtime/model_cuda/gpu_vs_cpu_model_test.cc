@@ -25,6 +25,7 @@
 #include "runtime/backend/backend.h"
 #include "runtime/model/llama_model.h"
 #include "tests/runtime/model_cuda/small_model.h"
+#include "tests/test_support.h"
 
 namespace qshard {
 namespace {
@@ -117,10 +118,7 @@ INSTANTIATE_TEST_SUITE_P(Formats, GpuVsCpuModelTest,
                          ::testing::ValuesIn(LlamaModel::DummyFormats()),
                          [](const ::testing::TestParamInfo<std::string>& i) {
                            std::string n = i.param;
-                           for (char& ch : n) {
-                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
-                           }
-                           return n;
+                           return ::qshard::testing::TestName(n);
                          });
 
 }  // namespace

@@ -41,10 +41,7 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, QuantizedPplTest,
                                                    "w8a8_dynamic_per_token"}),
                          [](const ::testing::TestParamInfo<PplCase>& i) {
                            std::string n = i.param.model;
-                           for (char& c : n) {
-                             if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
-                           }
-                           return n;
+                           return ::qshard::testing::TestName(n);
                          });
 
 }  // namespace
