@@ -12,8 +12,10 @@
 //     --context tokens; the logits of every sequence come back to the host each step, as
 //     the engine needs them for sampling);
 //   - one prefill of --prefill tokens;
-//   - the same decode steps again replayed from CUDA graphs (--no-graphs skips it; a
-//     failure there is reported in the row and does not fail the run).
+//   - the same decode steps with the tokens sampled on the GPU (greedy; only the ids come
+//     back, as the engine does with QSHARD_CUDA_SAMPLING=1), then also replayed from CUDA
+//     graphs (--no-graphs skips these two passes; a failure there is reported in the row
+//     and does not fail the run).
 //
 //   qshard_cuda_bench [--shape llama-3.1-8b] [--formats bf16,fp8,gptq-4bit,awq-4bit]
 //                     [--batches 1,8,32,64] [--context 256] [--steps 16] [--prefill 2048]
@@ -123,8 +125,10 @@ struct FormatResult {
   double linear_bytes = 0;  // decoder linears + lm_head, bytes read per decode step
   std::map<int64_t, double> linear_ms;  // M -> all decoder linears, ms
   std::map<int64_t, double> decode_tps;  // batch -> tokens/s
-  std::map<int64_t, double> graph_tps;   // batch -> tokens/s with CUDA graphs (0: failed)
-  std::string graph_error;
+  // batch -> tokens/s sampling on the GPU, eager [0] and replayed from CUDA graphs [1]
+  // (0: failed, the reason in fast_error).
+  std::map<int64_t, double> fast_tps[2];
+  std::string fast_error;
   double prefill_tps = 0;
   std::string error;
 };
@@ -216,11 +220,15 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
       QSHARD_RETURN_IF_ERROR(model->Forward(part, &logits));
     }
     std::vector<int32_t> next(B);
-    // The same decode steps eagerly, then (graphs) replayed from CUDA graphs: the second
-    // pass rewrites the same cache positions, which is fine for timing.
-    for (const bool graphs : {false, true}) {
-      if (graphs && !with_graphs) break;
-      QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, graphs));
+    std::vector<SamplingRow> rows(B);  // greedy, like the engine's temperature-0 requests
+    for (SamplingRow& row : rows) row.temperature = 0.0f;
+    std::vector<SampledToken> sampled;
+    // The same decode steps three ways: logits to the host (pass 0), sampled on the GPU
+    // (1), and sampled on the GPU with the step replayed from a CUDA graph (2). Each pass
+    // rewrites the same cache positions, which is fine for timing.
+    for (int pass = 0; pass < 3; ++pass) {
+      if (pass > 0 && !with_graphs) break;
+      QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, pass == 2));
       std::vector<double> times;
       absl::Status st;
       for (int64_t step = 0; step < steps && st.ok(); ++step) {
@@ -230,17 +238,22 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
                        static_cast<int32_t>(context + step), tables[s], LogitsMode::kLast};
         }
         auto ts = Clock::now();
-        st = model->Forward(chunks, &logits);  // ends with the logits on the host
+        if (pass == 0) {
+          st = model->Forward(chunks, &logits);  // ends with the logits on the host
+        } else {
+          absl::StatusOr<Tensor> dev = model->ForwardLogits(chunks);
+          st = dev.ok() ? backend->Sample(*dev, rows, &sampled) : dev.status();
+        }
         if (step >= 2) times.push_back(Seconds(ts));
       }
-      if (!graphs) {
+      if (pass == 0) {
         QSHARD_RETURN_IF_ERROR(st);
         r.decode_tps[B] = B / Median(times);
       } else if (st.ok()) {
-        r.graph_tps[B] = B / Median(times);
+        r.fast_tps[pass - 1][B] = B / Median(times);
       } else {
-        r.graph_tps[B] = 0;
-        r.graph_error = st.ToString();
+        r.fast_tps[pass - 1][B] = 0;
+        if (r.fast_error.empty()) r.fast_error = st.ToString();
       }
     }
     QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, false));
@@ -326,7 +339,8 @@ int Main(int argc, char** argv) {
   std::printf("baselines (same run): device-to-device copy %.2f TB/s (read + write); "
               "cuBLASLt bf16 8192^3 %.0f TFLOP/s\n",
               *bw / 1e12, *tflops);
-  std::printf("decode: context %lld tokens, median of %lld steps, logits to the host each step; "
+  std::printf("decode: context %lld tokens, median of %lld steps, logits to the host each step "
+              "(gpu-sample: greedy on the GPU, ids to the host; +graphs: also CUDA graphs); "
               "prefill: one %lld-token prompt\n\n",
               static_cast<long long>(context), static_cast<long long>(steps - 2),
               static_cast<long long>(prefill));
@@ -335,14 +349,15 @@ int Main(int argc, char** argv) {
   for (int64_t B : batches) std::printf(" decode b%lld tok/s |", static_cast<long long>(B));
   std::printf(" b1 / roofline | prefill tok/s |");
   if (graphs) {
-    for (int64_t B : batches) std::printf(" graphs b%lld tok/s |", static_cast<long long>(B));
-    std::printf(" graphs b1 / roofline |");
+    for (int64_t B : batches) std::printf(" gpu-sample b%lld tok/s |", static_cast<long long>(B));
+    for (int64_t B : batches) std::printf(" +graphs b%lld tok/s |", static_cast<long long>(B));
+    std::printf(" +graphs b1 / roofline |");
   }
   std::printf("\n|---|---|---|---|---|---|");
   for (size_t i = 0; i < batches.size(); ++i) std::printf("---|");
   std::printf("---|---|");
   if (graphs) {
-    for (size_t i = 0; i < batches.size(); ++i) std::printf("---|");
+    for (size_t i = 0; i < 2 * batches.size(); ++i) std::printf("---|");
     std::printf("---|");
   }
   std::printf("\n");
@@ -370,12 +385,17 @@ int Main(int argc, char** argv) {
     std::printf(" %.0f%% | %.0f |", 100.0 * r.decode_tps.at(batches.front()) / roof,
                 r.prefill_tps);
     if (graphs) {
-      for (int64_t B : batches) std::printf(" %.1f |", r.graph_tps.count(B) ? r.graph_tps.at(B) : 0.0);
-      const double g1 = r.graph_tps.count(batches.front()) ? r.graph_tps.at(batches.front()) : 0.0;
+      for (const auto& tps : r.fast_tps) {
+        for (int64_t B : batches) std::printf(" %.1f |", tps.count(B) ? tps.at(B) : 0.0);
+      }
+      const auto& g = r.fast_tps[1];
+      const double g1 = g.count(batches.front()) ? g.at(batches.front()) : 0.0;
       std::printf(" %.0f%% |", 100.0 * g1 / roof);
     }
     std::printf("\n");
-    if (!r.graph_error.empty()) std::printf("  (graphs failed: %s)\n", r.graph_error.c_str());
+    if (!r.fast_error.empty()) {
+      std::printf("  (GPU sampling / graphs failed: %s)\n", r.fast_error.c_str());
+    }
     std::fflush(stdout);
   }
   bool failed = false;

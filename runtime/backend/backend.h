@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "kv/kv_cache_spec.h"
 #include "quant/kernel_selection.h"
 #include "quant/linear_weights.h"
@@ -50,6 +51,31 @@ struct StepMetadata {
   int32_t num_logit_rows = -1;  // rows of logits the step returns (-1: not known)
   int32_t num_tokens() const { return static_cast<int32_t>(positions.size()); }
   int32_t num_seqs() const { return static_cast<int32_t>(context_lens.size()); }
+};
+
+// One row of on-device sampling: the engine's SamplingParams of a request plus the
+// state the draw depends on. Meanings and ranges as in runtime/engine/sampling.h.
+struct SamplingRow {
+  float temperature = 1.0f;         // < 1e-5: greedy
+  int32_t top_k = 0;                // 0: off
+  float top_p = 1.0f;
+  float min_p = 0.0f;
+  float repetition_penalty = 1.0f;
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  uint64_t seed = 0;                // the request's seed (drawn at random when it had none)
+  uint64_t step = 0;                // tokens generated so far: advances the random stream
+  absl::Span<const int32_t> prompt;   // for the repetition penalty
+  absl::Span<const int32_t> output;   // for all three penalties
+  absl::Span<const int32_t> blocked;  // ids that must not be chosen (EOS before min_tokens)
+  int32_t num_logprobs = 0;         // top-n raw logprobs to return, [0, 20]
+};
+
+// What on-device sampling returns per row.
+struct SampledToken {
+  int32_t token_id = -1;
+  float logprob = 0.0f;                            // raw log-softmax of the chosen token
+  std::vector<std::pair<int32_t, float>> top;      // num_logprobs (id, logprob), best first
 };
 
 class Backend {
@@ -88,6 +114,20 @@ class Backend {
   virtual void CalculateKvScalesAtNextStep() = 0;
   // Copies activations (e.g. logits [rows, vocab]) into host fp32 memory.
   virtual absl::Status CopyToHost(const Tensor& src, float* dst) = 0;
+
+  // --- sampling on the device ------------------------------------------------
+  // Whether Sample() is available: the engine then samples where the logits are and only
+  // the chosen ids (and requested logprobs) reach the host. The CPU backend samples with
+  // the engine's host Sampler instead (the logits are already in host memory).
+  virtual bool SupportsSampling() const { return false; }
+  // Draws one token per row of logits [rows.size(), vocab] (fp32, this step's lm_head
+  // output). Like CopyToHost it ends the step and returns its first error.
+  virtual absl::Status Sample(const Tensor& logits, absl::Span<const SamplingRow> rows,
+                              std::vector<SampledToken>* out) {
+    return absl::UnimplementedError(
+        "this backend does not sample on the device (SupportsSampling() is false): copy the "
+        "logits to the host and use the engine's Sampler");
+  }
 
   // --- per step -------------------------------------------------------------
   // Sets the token/sequence layout for the following ops (uploads indices on a GPU).

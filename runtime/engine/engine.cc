@@ -1,6 +1,7 @@
 #include "runtime/engine/engine.h"
 
 #include <algorithm>
+#include <random>
 
 #include "absl/strings/str_cat.h"
 #include "kv/memory_planner.h"
@@ -35,6 +36,7 @@ struct Engine::Sequence {
   int64_t chunk = 0;            // tokens scheduled in the current step
   BlockTable blocks;
   std::unique_ptr<Sampler> sampler;
+  uint64_t seed = 0;            // params.seed, or drawn at random (on-device sampling)
   std::unique_ptr<IncrementalDetokenizer> detok;
   std::string text;             // all generated text so far
   size_t emitted = 0;           // bytes of `text` already returned
@@ -174,6 +176,12 @@ absl::Status Engine::AddRequest(Request request) {
   s->prompt_len = static_cast<int32_t>(request.prompt.size());
   s->all = std::move(request.prompt);
   s->sampler = std::make_unique<Sampler>(s->params);
+  if (s->params.seed.has_value()) {
+    s->seed = *s->params.seed;
+  } else {
+    std::random_device rd;  // 32 bits per call: two make a full 64-bit seed
+    s->seed = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  }
   s->detok = std::make_unique<IncrementalDetokenizer>(*tokenizer_, s->prompt());
   waiting_.push_back(s.get());
   seqs_[s->id] = std::move(s);
@@ -437,7 +445,72 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     c.logits = completes ? LogitsMode::kLast : LogitsMode::kNone;
     chunks.push_back(c);
   }
-  absl::Status st = model_->Forward(chunks, &logits_);
+  // Sequences that get a token this step (their chunk completes the known tokens), in
+  // chunk order = logit row order.
+  std::vector<Sequence*> sampled;
+  for (Sequence* s : scheduled) {
+    if (s->num_computed + s->chunk == static_cast<int64_t>(s->all.size())) sampled.push_back(s);
+  }
+  auto blocked_ids = [&](const Sequence& s) {
+    std::vector<int32_t> blocked;
+    if (s.num_generated() < s.params.min_tokens) {
+      if (!s.params.ignore_eos) {
+        blocked.insert(blocked.end(), config().eos_token_ids.begin(), config().eos_token_ids.end());
+      }
+      blocked.insert(blocked.end(), s.params.stop_token_ids.begin(), s.params.stop_token_ids.end());
+    }
+    return blocked;
+  };
+  // On a backend that samples on the device (CUDA) the logits never leave it: only the
+  // chosen ids and requested logprobs come back.
+  std::vector<SampleResult> results;
+  absl::Status st;
+  if (model_->backend().SupportsSampling()) {
+    std::vector<std::vector<int32_t>> blocked(sampled.size());
+    std::vector<SamplingRow> rows(sampled.size());
+    for (size_t i = 0; i < sampled.size(); ++i) {
+      const Sequence& s = *sampled[i];
+      const SamplingParams& p = s.params;
+      blocked[i] = blocked_ids(s);
+      SamplingRow& r = rows[i];
+      r.temperature = p.temperature;
+      r.top_k = std::max(p.top_k, 0);
+      r.top_p = p.top_p;
+      r.min_p = p.min_p;
+      r.repetition_penalty = p.repetition_penalty;
+      r.presence_penalty = p.presence_penalty;
+      r.frequency_penalty = p.frequency_penalty;
+      r.seed = s.seed;
+      r.step = static_cast<uint64_t>(s.num_generated());
+      r.prompt = s.prompt();
+      r.output = s.output();
+      r.blocked = blocked[i];
+      r.num_logprobs = p.logprobs;
+    }
+    absl::StatusOr<Tensor> dev_logits = model_->ForwardLogits(chunks);
+    std::vector<SampledToken> tokens;
+    st = dev_logits.status();
+    if (st.ok() && !sampled.empty()) st = model_->backend().Sample(*dev_logits, rows, &tokens);
+    if (st.ok()) {
+      results.resize(sampled.size());
+      for (size_t i = 0; i < sampled.size(); ++i) {
+        results[i].token_id = tokens[i].token_id;
+        results[i].logprob = tokens[i].logprob;
+        for (const auto& [id, lp] : tokens[i].top) results[i].top.push_back({id, lp});
+      }
+    }
+  } else {
+    st = model_->Forward(chunks, &logits_);
+    if (st.ok()) {
+      const int32_t vocab = static_cast<int32_t>(config().vocab_size);
+      results.reserve(sampled.size());
+      for (size_t i = 0; i < sampled.size(); ++i) {
+        const Sequence& s = *sampled[i];
+        results.push_back(s.sampler->Sample(logits_.data() + i * vocab, vocab, s.prompt(),
+                                            s.output(), blocked_ids(s)));
+      }
+    }
+  }
   if (!st.ok()) {
     QSHARD_LOG(ERROR) << "forward failed: " << st;
     for (Sequence* s : scheduled) {
@@ -447,25 +520,13 @@ absl::StatusOr<std::vector<RequestOutput>> Engine::Step() {
     return out;
   }
 
-  // 4) Sample where a chunk completed its sequence's known tokens.
-  const int32_t vocab = static_cast<int32_t>(config().vocab_size);
-  int64_t row = 0;
-  std::vector<int32_t> blocked;
+  // 4) Advance the sequences whose chunk completed their known tokens.
+  size_t next = 0;
   for (Sequence* s : scheduled) {
     s->num_computed += s->chunk;
     RegisterFullBlocks(*s);
     if (s->num_computed != static_cast<int64_t>(s->all.size())) continue;
-    blocked.clear();
-    if (s->num_generated() < s->params.min_tokens) {
-      if (!s->params.ignore_eos) {
-        blocked.insert(blocked.end(), config().eos_token_ids.begin(), config().eos_token_ids.end());
-      }
-      blocked.insert(blocked.end(), s->params.stop_token_ids.begin(), s->params.stop_token_ids.end());
-    }
-    SampleResult r = s->sampler->Sample(logits_.data() + row * vocab, vocab, s->prompt(),
-                                        s->output(), blocked);
-    ++row;
-    Advance(*s, r, &out);
+    Advance(*s, results[next++], &out);
   }
   return out;
 }

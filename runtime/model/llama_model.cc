@@ -442,6 +442,16 @@ absl::Status LlamaModel::AllocateKvCache(const KvCacheSpec& spec) {
 
 absl::Status LlamaModel::Forward(absl::Span<const SequenceChunk> chunks,
                                  std::vector<float>* logits) {
+  QSHARD_ASSIGN_OR_RETURN(Tensor out, ForwardLogits(chunks));
+  if (out.rank() == 0) {  // no logit rows (or a calibration pass that stopped early)
+    logits->clear();
+    return absl::OkStatus();
+  }
+  logits->resize(static_cast<size_t>(out.numel()));
+  return backend_->CopyToHost(out, logits->data());
+}
+
+absl::StatusOr<Tensor> LlamaModel::ForwardLogits(absl::Span<const SequenceChunk> chunks) {
   const ModelConfig& c = config_;
   const KvCacheSpec& kv = backend_->kv_cache_spec();
   if (kv.num_blocks == 0) return absl::FailedPreconditionError("KV cache not allocated");
@@ -539,24 +549,20 @@ absl::Status LlamaModel::Forward(absl::Span<const SequenceChunk> chunks,
     b.SiluMul(gate, up, gate);
     observed(l, LinearSlot::kDown, gate);
     b.Linear(gate, *L.down_proj, delta);
-    if (hooks_.stop_after_layer == l) {
-      logits->clear();
-      return absl::OkStatus();
-    }
+    if (hooks_.stop_after_layer == l) return Tensor();
   }
   b.Add(residual, delta);
 
   // Final norm and lm_head only on the rows whose logits are wanted.
   const int64_t R = static_cast<int64_t>(logit_rows.size());
-  logits->resize(R * c.vocab_size);
-  if (R == 0) return absl::OkStatus();
+  if (R == 0) return Tensor();
   Tensor picked = b.AllocateF32(R, H);
   b.GatherRows(residual, logit_rows, picked);
   Tensor normed = b.Allocate(R, H);
   b.RmsNorm(picked, final_norm_, eps, normed);
   Tensor out = b.AllocateF32(R, c.vocab_size);
   b.Linear(normed, *lm_head_, out);
-  return b.CopyToHost(out, logits->data());
+  return out;
 }
 
 }  // namespace qshard

@@ -132,6 +132,10 @@ class LlamaModel {
   // Runs one step. Logit rows are appended in chunk order: one per kLast chunk, one per
   // token of a kAll chunk. logits receives [rows, vocab] fp32.
   absl::Status Forward(absl::Span<const SequenceChunk> chunks, std::vector<float>* logits);
+  // Same step, but the logits [rows, vocab] fp32 stay in backend memory (valid until the
+  // next step) for Backend::Sample; a rank-0 Tensor() when the step has no logit rows. The
+  // step's errors surface from Backend::Sample / CopyToHost, which end it.
+  absl::StatusOr<Tensor> ForwardLogits(absl::Span<const SequenceChunk> chunks);
 
   // --- offline quantizer support -------------------------------------------------
   // Installs (or, with a default-constructed value, removes) calibration hooks.

@@ -25,6 +25,7 @@
 #include "runtime/backend/cuda/embedding_rmsnorm.h"
 #include "runtime/backend/cuda/fp8_linear.h"
 #include "runtime/backend/cuda/int_weight_gemm.h"
+#include "runtime/backend/cuda/sampling.h"
 #include "runtime/base/half.h"
 #include "runtime/base/status_macros.h"
 #include "runtime/checkpoint/rope_frequencies.h"
@@ -248,6 +249,8 @@ class CudaBackend : public Backend {
     QSHARD_ASSIGN_OR_RETURN(b->blas_, cuda::CublasLtLinear::Create());
     const char* graphs = std::getenv("QSHARD_CUDA_GRAPHS");
     b->graphs_enabled_ = graphs != nullptr && std::string(graphs) == "1";
+    const char* sampling = std::getenv("QSHARD_CUDA_SAMPLING");
+    b->sampling_enabled_ = sampling != nullptr && std::string(sampling) == "1";
     return std::unique_ptr<Backend>(std::move(b));
   }
   ~CudaBackend() override {
@@ -394,44 +397,121 @@ class CudaBackend : public Backend {
   void CalculateKvScalesAtNextStep() override { scales_pending_.assign(spec_.num_layers, true); }
 
   absl::Status CopyToHost(const Tensor& src, float* dst) override {
-    if (!status_.ok()) {
-      if (mode_ == StepMode::kCapture) AbortCapture();
-      mode_ = StepMode::kEager;
-      return TakeStatus();
-    }
-    const void* p = src.raw();
-    if (src.dtype() != DType::kF32) {
-      auto tmp = arena_.Get(static_cast<size_t>(src.numel()) * sizeof(float));
-      if (!tmp.ok()) return tmp.status();
-      if (mode_ != StepMode::kReplay) {
-        QSHARD_RETURN_IF_ERROR(
-            cuda::LaunchCast(src.raw(), src.dtype(), *tmp, DType::kF32, src.numel(), stream()));
-      }
-      p = *tmp;
-    }
-    // A captured step ends here: the graph holds everything since BeginStep (uploads
-    // included); the copy to `dst` (which may move between steps) stays outside it.
-    if (mode_ == StepMode::kCapture) QSHARD_RETURN_IF_ERROR(EndCapture());
-    if (mode_ == StepMode::kReplay) {
-      const Graph& g = graphs_.at(key_);
-      if (g.arena_used != arena_.used() || g.staged != staged_) {
-        // The ops of this step did not allocate what the captured step did: its launches
-        // were skipped, so there is nothing correct to return. (Not expected: the shape
-        // key covers everything the model allocates by.)
-        mode_ = StepMode::kEager;
-        DropGraphs();
-        return absl::InternalError(
-            "CUDA graph replay: the step's allocations differ from the captured step's; "
-            "graphs dropped (run with QSHARD_CUDA_GRAPHS=0 and report this)");
-      }
-      QSHARD_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(g.exec, stream()));
-      ++graph_replays_;
-    }
-    mode_ = StepMode::kEager;
-    QSHARD_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, p, static_cast<size_t>(src.numel()) * 4,
+    auto p = FinishStep(src);
+    if (!p.ok()) return p.status();
+    QSHARD_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(dst, *p, static_cast<size_t>(src.numel()) * 4,
                                                 cudaMemcpyDeviceToHost, stream()));
     QSHARD_RETURN_IF_ERROR(stream_.Synchronize());
     return TakeStatus();
+  }
+
+  // --- sampling ---------------------------------------------------------------
+  bool SupportsSampling() const override { return sampling_enabled_; }
+  void SetSampling(bool on) { sampling_enabled_ = on; }
+
+  absl::Status Sample(const Tensor& logits, absl::Span<const SamplingRow> rows,
+                      std::vector<SampledToken>* out) override {
+    const int64_t n = static_cast<int64_t>(rows.size());
+    if (logits.rank() != 2 || logits.dim(0) != n) {
+      if (mode_ == StepMode::kCapture) AbortCapture();
+      mode_ = StepMode::kEager;
+      absl::Status pending = TakeStatus();  // the step's own error explains more
+      if (!pending.ok()) return pending;
+      return absl::InvalidArgumentError(absl::StrCat(
+          "CUDA Sample: logits have shape ", ShapeToString(logits.shape()), ", expected [",
+          n, ", vocab] (one row per sampling row)"));
+    }
+    QSHARD_ASSIGN_OR_RETURN(const void* p, FinishStep(logits));
+    const int64_t vocab = logits.dim(1);
+    // Rows, penalty history and blocked ids, flattened. A row without penalties gets no
+    // history (the kernel would only count ids that cannot change its result), which keeps
+    // the upload to a few hundred bytes per row in the common case.
+    std::vector<cuda::DeviceSamplingRow> params(static_cast<size_t>(n));
+    std::vector<int32_t> history, blocked;
+    int32_t max_logprobs = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const SamplingRow& r = rows[i];
+      cuda::DeviceSamplingRow& d = params[i];
+      d.temperature = r.temperature;
+      d.top_p = r.top_p;
+      d.min_p = r.min_p;
+      d.repetition_penalty = r.repetition_penalty;
+      d.presence_penalty = r.presence_penalty;
+      d.frequency_penalty = r.frequency_penalty;
+      d.top_k = std::max(r.top_k, 0);
+      d.seed = r.seed;
+      d.step = r.step;
+      const bool penalized = r.repetition_penalty != 1.0f || r.presence_penalty != 0.0f ||
+                             r.frequency_penalty != 0.0f;
+      d.history_offset = static_cast<int32_t>(history.size());
+      if (penalized) {
+        d.prompt_len = static_cast<int32_t>(r.prompt.size());
+        d.output_len = static_cast<int32_t>(r.output.size());
+        history.insert(history.end(), r.prompt.begin(), r.prompt.end());
+        history.insert(history.end(), r.output.begin(), r.output.end());
+      }
+      d.blocked_offset = static_cast<int32_t>(blocked.size());
+      d.blocked_len = static_cast<int32_t>(r.blocked.size());
+      blocked.insert(blocked.end(), r.blocked.begin(), r.blocked.end());
+      d.num_logprobs = r.num_logprobs;
+      max_logprobs = std::max(max_logprobs, r.num_logprobs);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      absl::Status v = cuda::ValidateSamplingRow(params[i], vocab,
+                                                 static_cast<int64_t>(history.size()),
+                                                 static_cast<int64_t>(blocked.size()));
+      if (!v.ok()) {
+        (void)TakeStatus();  // FinishStep returned OK: nothing is pending
+        return absl::InvalidArgumentError(
+            absl::StrCat("CUDA Sample: row ", i, ": ", v.message()));
+      }
+    }
+    QSHARD_ASSIGN_OR_RETURN(const void* d_params,
+                            UploadBytes(params.data(), params.size() * sizeof(params[0])));
+    QSHARD_ASSIGN_OR_RETURN(const int32_t* d_history, Upload(history));
+    QSHARD_ASSIGN_OR_RETURN(const int32_t* d_blocked, Upload(blocked));
+    const int64_t ws_bytes = cuda::SamplingWorkspaceBytes(n, vocab);
+    QSHARD_ASSIGN_OR_RETURN(void* ws, arena_.Get(static_cast<size_t>(ws_bytes)));
+    // Results in one block so they come back in one copy: token ids [n], chosen logprobs
+    // [n], then (only copied when asked for) top ids / logprobs [n, 20].
+    constexpr int64_t kTop = cuda::kSamplingMaxLogprobs;
+    QSHARD_ASSIGN_OR_RETURN(void* res, arena_.Get(static_cast<size_t>(n * (2 + 2 * kTop)) * 4));
+    int32_t* d_tokens = static_cast<int32_t*>(res);
+    float* d_logprob = reinterpret_cast<float*>(d_tokens + n);
+    int32_t* d_top_ids = reinterpret_cast<int32_t*>(d_logprob + n);
+    float* d_top_lp = reinterpret_cast<float*>(d_top_ids + n * kTop);
+    QSHARD_RETURN_IF_ERROR(cuda::LaunchSample(
+        static_cast<const float*>(p), n, vocab, static_cast<const cuda::DeviceSamplingRow*>(d_params),
+        d_history, d_blocked, ws, ws_bytes, d_tokens, d_logprob, d_top_ids, d_top_lp, stream()));
+    const int64_t words = max_logprobs > 0 ? n * (2 + 2 * kTop) : 2 * n;
+    sample_host_.resize(static_cast<size_t>(words));
+    QSHARD_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(sample_host_.data(), res,
+                                                static_cast<size_t>(words) * 4,
+                                                cudaMemcpyDeviceToHost, stream()));
+    QSHARD_RETURN_IF_ERROR(stream_.Synchronize());
+    QSHARD_RETURN_IF_ERROR(TakeStatus());
+    const int32_t* h_tokens = reinterpret_cast<const int32_t*>(sample_host_.data());
+    const float* h_logprob = reinterpret_cast<const float*>(h_tokens + n);
+    const int32_t* h_top_ids = reinterpret_cast<const int32_t*>(h_logprob + n);
+    const float* h_top_lp = reinterpret_cast<const float*>(h_top_ids + n * kTop);
+    out->assign(static_cast<size_t>(n), SampledToken{});
+    for (int64_t i = 0; i < n; ++i) {
+      SampledToken& t = (*out)[i];
+      t.token_id = h_tokens[i];
+      t.logprob = h_logprob[i];
+      if (t.token_id < 0 || t.token_id >= vocab) {
+        // The kernel marks rows whose parameters it refuses; ValidateSamplingRow should
+        // have caught them first.
+        return absl::InternalError(absl::StrCat("CUDA Sample: row ", i,
+                                                " was refused by the sampling kernel (token ",
+                                                t.token_id, ")"));
+      }
+      const int32_t top = std::min<int64_t>(rows[i].num_logprobs, vocab);
+      for (int32_t j = 0; j < top; ++j) {
+        t.top.emplace_back(h_top_ids[i * kTop + j], h_top_lp[i * kTop + j]);
+      }
+    }
+    return absl::OkStatus();
   }
 
   // --- per step ---------------------------------------------------------------
@@ -455,18 +535,33 @@ class CudaBackend : public Backend {
     max_context_len_ = 0;
     for (int32_t c : meta.context_lens) max_context_len_ = std::max(max_context_len_, c);
     attn_context_len_ = max_context_len_;
+    block_table_width_ = meta.max_blocks_per_seq;
+    const std::vector<int32_t>* tables = &meta.block_tables;
     if (graphs_enabled_ && T > 0 && max_query_len_ == 1 && meta.num_logit_rows > 0 &&
         std::find(scales_pending_.begin(), scales_pending_.end(), true) ==
             scales_pending_.end()) {
-      QSHARD_RETURN_IF_ERROR(
-          PrepareGraphStep(T, S, meta.max_blocks_per_seq, meta.num_logit_rows));
+      // The block-table width is part of a graph's shape: padded to a multiple of
+      // kGraphBlockBucket (with -1, never read: attention stops at each sequence's
+      // length), a graph serves a growing sequence for that many blocks, not one.
+      const int32_t w = static_cast<int32_t>(
+          RoundUp(static_cast<size_t>(std::max(meta.max_blocks_per_seq, 1)), kGraphBlockBucket));
+      if (w != meta.max_blocks_per_seq) {
+        padded_tables_.assign(static_cast<size_t>(S) * w, -1);
+        for (int32_t s = 0; s < S; ++s) {
+          std::copy_n(meta.block_tables.begin() + static_cast<int64_t>(s) * meta.max_blocks_per_seq,
+                      meta.max_blocks_per_seq, padded_tables_.begin() + static_cast<int64_t>(s) * w);
+        }
+        tables = &padded_tables_;
+        block_table_width_ = w;
+      }
+      QSHARD_RETURN_IF_ERROR(PrepareGraphStep(T, S, block_table_width_, meta.num_logit_rows));
     }
     QSHARD_ASSIGN_OR_RETURN(d_positions_, Upload(meta.positions));
     QSHARD_ASSIGN_OR_RETURN(d_slots_, Upload(meta.slot_mapping));
     QSHARD_ASSIGN_OR_RETURN(d_token_seq_, Upload(token_seq));
     QSHARD_ASSIGN_OR_RETURN(d_query_start_, Upload(meta.query_start));
     QSHARD_ASSIGN_OR_RETURN(d_context_lens_, Upload(meta.context_lens));
-    QSHARD_ASSIGN_OR_RETURN(d_block_tables_, Upload(meta.block_tables));
+    QSHARD_ASSIGN_OR_RETURN(d_block_tables_, Upload(*tables));
     return absl::OkStatus();
   }
 
@@ -584,7 +679,7 @@ class CudaBackend : public Backend {
     a.query_start = d_query_start_;
     a.context_lens = d_context_lens_;
     a.block_tables = d_block_tables_;
-    a.max_blocks_per_seq = meta_->max_blocks_per_seq;
+    a.max_blocks_per_seq = block_table_width_;  // the uploaded table's row stride
     a.max_context_len = attn_context_len_;  // a graph bucket's bound on decode steps
     a.max_query_len = max_query_len_;
     a.workspace_bytes = cuda::PagedAttentionWorkspaceBytes(a.num_tokens, num_heads, head_dim,
@@ -634,11 +729,13 @@ class CudaBackend : public Backend {
   // arena is rewound and allocated in the same order), only the launches are skipped.
   // Shape = (tokens, sequences, block-table width, context bucket): attention is launched
   // for a bound rounded up to kGraphContextBucket (it reads each sequence's true length
-  // from the positions), so one graph serves 256 consecutive context lengths. Anything
+  // from the positions), so one graph serves 256 consecutive context lengths; the block
+  // table is padded to kGraphBlockBucket blocks per row for the same reason. Anything
   // that moves memory a graph points at or changes a launch argument it holds (arena
   // growth, pinned staging growth, a new KV cache, KV scales or RoPE table) drops all
   // graphs.
   static constexpr int32_t kGraphContextBucket = 256;
+  static constexpr size_t kGraphBlockBucket = 32;
   enum class StepMode { kEager, kCapture, kReplay };
   struct GraphKey {
     int32_t tokens, seqs, max_blocks, context_bucket, logit_rows;
@@ -705,6 +802,45 @@ class CudaBackend : public Backend {
     warm_.clear();
   }
 
+  // Ends the launches of a step whose result is `src` (logits): closes a capture or
+  // launches the replayed graph, and returns src as fp32 in device memory. The copy or
+  // sampling that reads it stays outside any graph (its host destination may move).
+  absl::StatusOr<const void*> FinishStep(const Tensor& src) {
+    if (!status_.ok()) {
+      if (mode_ == StepMode::kCapture) AbortCapture();
+      mode_ = StepMode::kEager;
+      return TakeStatus();
+    }
+    const void* p = src.raw();
+    if (src.dtype() != DType::kF32) {
+      auto tmp = arena_.Get(static_cast<size_t>(src.numel()) * sizeof(float));
+      if (!tmp.ok()) return tmp.status();
+      if (mode_ != StepMode::kReplay) {
+        QSHARD_RETURN_IF_ERROR(
+            cuda::LaunchCast(src.raw(), src.dtype(), *tmp, DType::kF32, src.numel(), stream()));
+      }
+      p = *tmp;
+    }
+    if (mode_ == StepMode::kCapture) QSHARD_RETURN_IF_ERROR(EndCapture());
+    if (mode_ == StepMode::kReplay) {
+      const Graph& g = graphs_.at(key_);
+      if (g.arena_used != arena_.used() || g.staged != staged_) {
+        // The ops of this step did not allocate what the captured step did: its launches
+        // were skipped, so there is nothing correct to return. (Not expected: the shape
+        // key covers everything the model allocates by.)
+        mode_ = StepMode::kEager;
+        DropGraphs();
+        return absl::InternalError(
+            "CUDA graph replay: the step's allocations differ from the captured step's; "
+            "graphs dropped (run with QSHARD_CUDA_GRAPHS=0 and report this)");
+      }
+      QSHARD_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(g.exec, stream()));
+      ++graph_replays_;
+    }
+    mode_ = StepMode::kEager;
+    return p;
+  }
+
   // Records the first error of the step; returns whether s is OK.
   bool Keep(const absl::Status& s) {
     if (!s.ok() && status_.ok()) status_ = s;
@@ -728,7 +864,11 @@ class CudaBackend : public Backend {
   // Copies host ints into the arena through the pinned staging buffer. Within a step
   // each upload gets its own staging slice, so earlier copies still in flight are safe.
   absl::StatusOr<const int32_t*> Upload(const std::vector<int32_t>& v) {
-    const size_t bytes = std::max<size_t>(v.size(), 1) * sizeof(int32_t);
+    QSHARD_ASSIGN_OR_RETURN(const void* dev, UploadBytes(v.data(), v.size() * sizeof(int32_t)));
+    return static_cast<const int32_t*>(dev);
+  }
+  absl::StatusOr<const void*> UploadBytes(const void* data, size_t size) {
+    const size_t bytes = std::max<size_t>(size, 4);
     const size_t need = staged_ + RoundUp(bytes, 64);
     if (need > staging_capacity_) {
       // Growing replaces the pinned buffer: wait for copies that read the old one.
@@ -740,13 +880,13 @@ class CudaBackend : public Backend {
     }
     char* host = static_cast<char*>(staging_) + staged_;
     staged_ += RoundUp(bytes, 64);
-    if (!v.empty()) std::memcpy(host, v.data(), v.size() * sizeof(int32_t));
+    if (size > 0) std::memcpy(host, data, size);
     QSHARD_ASSIGN_OR_RETURN(void* dev, arena_.Get(bytes));
     if (!Replaying()) {  // a replayed graph copies from the same pinned slice
       QSHARD_CUDA_RETURN_IF_ERROR(
           cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, stream()));
     }
-    return static_cast<const int32_t*>(dev);
+    return static_cast<const void*>(dev);
   }
 
   absl::Status CalculateScales(int layer, const Tensor& k, const Tensor& v) {
@@ -787,6 +927,8 @@ class CudaBackend : public Backend {
   const int32_t* d_block_tables_ = nullptr;
   int32_t max_context_len_ = 0;
   int32_t max_query_len_ = 0;
+  int32_t block_table_width_ = 0;      // row stride of d_block_tables_ (>= max_blocks_per_seq)
+  std::vector<int32_t> padded_tables_;  // [S, block_table_width_] for graph steps
 
   KvCacheSpec spec_;
   std::vector<DeviceBuffer> k_cache_, v_cache_;  // per layer [blocks, kv_heads, block_size, D]
@@ -804,6 +946,10 @@ class CudaBackend : public Backend {
   int32_t attn_context_len_ = 0;  // attention's context bound this step
   int64_t graph_captures_ = 0, graph_replays_ = 0;
 
+  // Sampling on the device (Sample): opt-in like graphs until a GPU run verifies it.
+  bool sampling_enabled_ = false;
+  std::vector<uint32_t> sample_host_;  // results of the last Sample, before unpacking
+
   DeviceBuffer inv_freq_;  // fp32 [D/2]
   int64_t rope_head_dim_ = 0;
   RopeConfig rope_;
@@ -817,6 +963,13 @@ absl::Status SetCudaGraphs(Backend& backend, bool on) {
   auto* cuda = dynamic_cast<CudaBackend*>(&backend);
   if (cuda == nullptr) return absl::InvalidArgumentError("SetCudaGraphs: not a CUDA backend");
   cuda->SetGraphs(on);
+  return absl::OkStatus();
+}
+
+absl::Status SetCudaSampling(Backend& backend, bool on) {
+  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
+  if (cuda == nullptr) return absl::InvalidArgumentError("SetCudaSampling: not a CUDA backend");
+  cuda->SetSampling(on);
   return absl::OkStatus();
 }
 
