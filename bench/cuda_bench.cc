@@ -19,8 +19,14 @@
 //
 //   qshard_cuda_bench [--shape llama-3.1-8b] [--formats bf16,fp8,gptq-4bit,awq-4bit]
 //                     [--batches 1,8,32,64] [--context 256] [--steps 16] [--prefill 2048]
-//                     [--no-graphs]
+//                     [--no-graphs] [--layers N]
+//
+// --profile M1,M2 instead runs each format's decoder linears of layer 0 once per M inside an
+// NVTX range named "linears" and exits, for a profiler to look at those kernels alone:
+//   ncu --nvtx --nvtx-include "linears/" qshard_cuda_bench --formats fp8 --layers 1 --profile 1
+// (scripts/device-check.sh does this when ncu is there).
 #include <cuda_runtime_api.h>
+#include <nvtx3/nvToolsExt.h>
 
 #include <algorithm>
 #include <chrono>
@@ -165,6 +171,42 @@ absl::StatusOr<double> TimeLinears(LlamaModel& model, int64_t m) {
   return Median(times) * 1e3;
 }
 
+// Layer 0's decoder linears once at each M, inside the NVTX range "linears" (--profile).
+absl::Status ProfileLinears(const ModelConfig& shape, const std::string& format,
+                            const std::vector<int64_t>& ms) {
+  QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, CreateCudaBackend());
+  QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model,
+                          LlamaModel::CreateDummy(shape, format, backend.get(), 1234));
+  Backend& b = *backend;
+  const ModelConfig& c = model->config();
+  const int64_t widest = std::max({c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim});
+  for (int pass = 0; pass < 2; ++pass) {  // pass 0 warms up (cuBLASLt plans, scratch)
+    for (int64_t m : ms) {
+      StepMetadata empty;
+      QSHARD_RETURN_IF_ERROR(b.BeginStep(empty));
+      Tensor x = b.Allocate(m, widest);
+      Tensor y = b.Allocate(m, 2 * widest);
+      QSHARD_RETURN_IF_ERROR(FillRandomBf16(x.raw(), m * widest, 7));
+      BENCH_CUDA(cudaDeviceSynchronize());
+      if (pass == 1) nvtxRangePushA("linears");
+      for (const LinearOp* op : model->DecoderLinears(0)) {
+        std::printf("M=%lld %s [%lld x %lld] %s\n", static_cast<long long>(m),
+                    format.c_str(), static_cast<long long>(op->out_features()),
+                    static_cast<long long>(op->in_features()), op->kernel_name().c_str());
+        Tensor xin(x.dtype(), {m, op->in_features()}, x.raw(), nullptr, Device::kCuda);
+        Tensor yout(y.dtype(), {m, op->out_features()}, y.raw(), nullptr, Device::kCuda);
+        b.Linear(xin, *op, yout);
+      }
+      BENCH_CUDA(cudaDeviceSynchronize());
+      if (pass == 1) nvtxRangePop();
+      std::vector<float> one(1);
+      QSHARD_RETURN_IF_ERROR(
+          b.CopyToHost(Tensor(y.dtype(), {1, 1}, y.raw(), nullptr, Device::kCuda), one.data()));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
                        const std::vector<int64_t>& batches, int64_t context, int64_t steps,
                        int64_t prefill, bool with_graphs, FormatResult& r) {
@@ -291,6 +333,8 @@ int Main(int argc, char** argv) {
   std::vector<int64_t> batches = {1, 8, 32, 64};
   int64_t context = 256, steps = 16, prefill = 2048;
   bool graphs = true;
+  int64_t layers = 0;               // 0: the shape's
+  std::vector<int64_t> profile_ms;  // --profile
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -307,10 +351,13 @@ int Main(int argc, char** argv) {
     else if (a == "--steps") steps = std::max<int64_t>(3, ParseInts(next()).at(0));
     else if (a == "--prefill") prefill = ParseInts(next()).at(0);
     else if (a == "--no-graphs") graphs = false;
+    else if (a == "--layers") layers = ParseInts(next()).at(0);
+    else if (a == "--profile") profile_ms = ParseInts(next());
     else {
       std::fprintf(stderr,
                    "usage: qshard_cuda_bench [--shape NAME] [--formats a,b] [--batches 1,8] "
-                   "[--context N] [--steps N] [--prefill N] [--no-graphs]\n");
+                   "[--context N] [--steps N] [--prefill N] [--no-graphs] [--layers N] "
+                   "[--profile M1,M2]\n");
       return 2;
     }
   }
@@ -319,6 +366,18 @@ int Main(int argc, char** argv) {
   if (!shape.ok()) {
     std::fprintf(stderr, "%s\n", std::string(shape.status().message()).c_str());
     return 2;
+  }
+  if (layers > 0) shape->num_layers = layers;
+  if (!profile_ms.empty()) {
+    int rc = 0;
+    for (absl::string_view f : absl::StrSplit(formats, ',', absl::SkipEmpty())) {
+      absl::Status st = ProfileLinears(*shape, std::string(f), profile_ms);
+      if (!st.ok()) {
+        std::fprintf(stderr, "%s: %s\n", std::string(f).c_str(), st.ToString().c_str());
+        rc = 1;
+      }
+    }
+    return rc;
   }
   auto info = cuda::QueryDevice(0);
   if (!info.ok()) {

@@ -18,6 +18,9 @@
 #   QSHARD_DEVICE_BENCH     arguments for qshard_cuda_bench ("off" skips it; default: the
 #                           issue's set, Llama-3.1-8B, bf16 fp8 gptq-4bit awq-4bit)
 #   QSHARD_DEVICE_BENCH_TIMEOUT  seconds the benchmark may take (default 240)
+#   QSHARD_DEVICE_PROFILE   formats whose layer-0 decoder linears ncu profiles at M=1 and
+#                           16 after the benchmark ("off" skips it; default bf16,fp8,gptq-4bit;
+#                           needs ncu; 60 s per format at most; never fails the run)
 #   QSHARD_DEVICE_BUILD_DIR build folder (default build-device)
 #   QSHARD_DEVICE_ALLOW_SKIP=1  do not fail when tests skip (a dry run without a GPU)
 #
@@ -25,7 +28,8 @@
 # ones a run needs into .device-fixtures/ (carry it too); without it those tests skip.
 #
 # Writes to LOG_DIR (flat, so everything comes back from the device tool): build.log,
-# nvidia-smi.txt, <target>.log, <target>.xml, bench.log, summary.txt. Exit status: 0 only when everything built, every test passed and none
+# nvidia-smi.txt, <target>.log, <target>.xml, bench.log, ncu-<format>.log, profile.txt,
+# summary.txt. Exit status: 0 only when everything built, every test passed and none
 # skipped.
 set -euo pipefail
 
@@ -39,6 +43,7 @@ ARCHS="${QSHARD_CUDA_ARCHS:-90a}"
 read -r -a TESTS <<<"${QSHARD_DEVICE_TESTS:-qshard_backend_cuda_tests qshard_model_cuda_tests}"
 BENCH_ARGS="${QSHARD_DEVICE_BENCH:-}"
 BENCH_TIMEOUT="${QSHARD_DEVICE_BENCH_TIMEOUT:-240}"
+PROFILE_FORMATS="${QSHARD_DEVICE_PROFILE:-bf16,fp8,gptq-4bit}"
 JOBS="$(nproc 2>/dev/null || echo 4)"
 BUILD_LOG="$LOG_DIR/build.log"
 SUMMARY="$LOG_DIR/summary.txt"
@@ -234,12 +239,54 @@ if [[ "$BENCH_ARGS" != off ]]; then
   fi
 fi
 
+# ---------------------------------------------------------------------------
+# Kernel profile: what each linear kernel achieves (DRAM throughput, occupancy, registers,
+# where warps stall), to direct kernel work. Informational: it never fails the run.
+PROFILE_RESULT="skipped"
+NCU="$(command -v ncu 2>/dev/null || true)"
+[[ -n "$NCU" || ! -x /usr/local/cuda/bin/ncu ]] || NCU=/usr/local/cuda/bin/ncu
+if [[ "$BENCH_ARGS" != off && "$PROFILE_FORMATS" != off && -n "$NCU" ]]; then
+  section "kernel profile (ncu, layer 0 linears, M=1 and 16)"
+  PROFILE_RESULT="ok"
+  for f in ${PROFILE_FORMATS//,/ }; do
+    rc=0
+    timeout 60 "$NCU" --clock-control none --print-kernel-base function \
+      --nvtx --nvtx-include "linears/" \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      "$BUILD_DIR/bin/qshard_cuda_bench" --formats "$f" --layers 1 --profile 1,16 \
+      >"$LOG_DIR/ncu-$f.log" 2>&1 || rc=$?
+    [[ $rc -eq 0 ]] || PROFILE_RESULT="some profiles failed (see ncu-*.log)"
+    # One line per kernel: name (shortened), grid, duration, DRAM %, occupancy, registers,
+    # and the start of ncu's note on the main stall reason.
+    awk -v fmt="$f" '
+      function flush() {
+        if (name != "") printf "%-9s %-30.30s %-18s %10s %6s%% dram %6s%% occ %4s regs  %s\n",
+                                fmt, name, grid, dur, dram, occ, regs, substr(stall, 1, 90)
+        name = ""; dur = dram = occ = regs = "?"; stall = ""
+      }
+      /^  [^ ].*\([0-9]+, [0-9]+, [0-9]+\)x\([0-9]+, [0-9]+, [0-9]+\)/ {
+        flush(); match($0, /\([0-9]+, [0-9]+, [0-9]+\)x\([0-9]+, [0-9]+, [0-9]+\)/)
+        name = substr($0, 3, RSTART - 4); grid = substr($0, RSTART, RLENGTH); gsub(/ /, "", grid)
+        next }
+      /^    Duration / { dur = $NF " " $(NF-1) }
+      /^    DRAM Throughput / { dram = $NF }
+      /^    Achieved Occupancy / { occ = $NF }
+      /^    Registers Per Thread / { regs = $NF }
+      stall == "" && match($0, /spends [0-9.,]+ cycles being stalled [^.]*/) { stall = substr($0, RSTART + 7, RLENGTH - 7) }
+      END { flush() }' "$LOG_DIR/ncu-$f.log" | tee -a "$LOG_DIR/profile.txt" || true
+  done
+elif [[ -z "$NCU" ]]; then
+  PROFILE_RESULT="skipped (no ncu)"
+fi
+
 write_summary
 {
   echo "bench:  $BENCH_RESULT"
   if [[ -f "$LOG_DIR/bench.log" ]]; then
     sed -n '/^## qshard_cuda_bench/,$p' "$LOG_DIR/bench.log"
   fi
+  echo "kernel profile: $PROFILE_RESULT"
+  [[ -f "$LOG_DIR/profile.txt" ]] && cat "$LOG_DIR/profile.txt"
 } | tee -a "$SUMMARY"
 if [[ $status -eq 0 ]]; then
   echo "RESULT: PASS"
