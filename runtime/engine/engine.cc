@@ -56,11 +56,18 @@ struct Engine::Sequence {
 Engine::~Engine() = default;
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
+  QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, CreateBackend(options.device));
+  return Create(options, std::move(backend));
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options,
+                                                       std::unique_ptr<Backend> backend) {
+  if (backend == nullptr) return absl::InvalidArgumentError("Engine::Create: backend is null");
   std::unique_ptr<Engine> e(new Engine());
   e->options_ = options;
   QSHARD_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(options.model_dir));
   QSHARD_ASSIGN_OR_RETURN(e->tokenizer_, LoadTokenizer(options.model_dir));
-  QSHARD_ASSIGN_OR_RETURN(e->backend_, CreateBackend(options.device));
+  e->backend_ = std::move(backend);
 
   // The selection function decides (and explains) the linear kernel for this device from
   // the checkpoint's quantization and --quantization, before any weight is read.

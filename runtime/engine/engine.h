@@ -91,6 +91,10 @@ struct EngineStats {
 class Engine {
  public:
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options);
+  // Same on a backend the caller made (options.device is then not used), e.g. one
+  // configured beyond what the flags offer, or a test double.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options,
+                                                        std::unique_ptr<Backend> backend);
   ~Engine();
 
   // Validates and queues a request. InvalidArgument for a bad field or an over-long
