@@ -23,6 +23,8 @@
 #                           needs ncu; 60 s per format at most; never fails the run)
 #   QSHARD_DEVICE_BUILD_DIR build folder (default build-device)
 #   QSHARD_DEVICE_ALLOW_SKIP=1  do not fail when tests skip (a dry run without a GPU)
+#   QSHARD_DEVICE_OPTIN     "off" skips the second run of the model tests with the opt-in
+#                           paths on (QSHARD_CUDA_GRAPHS / _SAMPLING / _TC_ATTENTION=1)
 #
 # The fixture test needs the shared models: scripts/prepare-device-fixtures.sh copies the
 # ones a run needs into .device-fixtures/ (carry it too); without it those tests skip.
@@ -141,6 +143,7 @@ fi
 # ---------------------------------------------------------------------------
 # Summary table, also written to summary.txt. Called on every exit path.
 declare -A BINARY_RC=()
+RUNS=("${TESTS[@]}")  # log names of the test runs, for the summary
 BUILD_RESULT="not run"
 write_summary() {
   {
@@ -153,7 +156,7 @@ write_summary() {
     local passed=0 failed=0 skipped=0 t
     printf '%-62s | %s\n' "test" "result"
     printf '%-62s-+-%s\n' "$(printf '%.0s-' {1..62})" "----------------"
-    for t in "${TESTS[@]}"; do
+    for t in "${RUNS[@]}"; do
       local log="$LOG_DIR/$t.log"
       [[ -f "$log" ]] || continue
       # gtest's per-test end lines: "[       OK ] Suite.Name (12 ms)" (the closing lists
@@ -201,26 +204,38 @@ echo "build:   $BUILD_RESULT"
 
 # ---------------------------------------------------------------------------
 status=0
-for t in "${TESTS[@]}"; do
-  section "run $t"
-  bin="$BUILD_DIR/bin/$t"
+# run_tests NAME BINARY [ENV=VALUE...]: one test binary, its log as NAME.log.
+run_tests() {
+  local name="$1" bin="$2"
+  shift 2
+  section "run $name${*:+ ($*)}"
   if [[ ! -x "$bin" ]]; then
-    echo "device-check: $bin was not built (no test sources?)" | tee "$LOG_DIR/$t.log"
-    BINARY_RC[$t]="missing"
+    echo "device-check: $bin was not built (no test sources?)" | tee "$LOG_DIR/$name.log"
+    BINARY_RC[$name]="missing"
     status=1
-    continue
+    return
   fi
-  rc=0
-  "$bin" --gtest_color=no "--gtest_output=xml:$LOG_DIR/$t.xml" 2>&1 | tee "$LOG_DIR/$t.log" ||
-    rc=$?
-  BINARY_RC[$t]=$rc
+  local rc=0
+  env "$@" "$bin" --gtest_color=no "--gtest_output=xml:$LOG_DIR/$name.xml" 2>&1 |
+    tee "$LOG_DIR/$name.log" || rc=$?
+  BINARY_RC[$name]=$rc
   [[ $rc -eq 0 ]] || status=1
-  if grep -qE '^\[ +SKIPPED +\] [^ ]+ \(' "$LOG_DIR/$t.log" &&
+  if grep -qE '^\[ +SKIPPED +\] [^ ]+ \(' "$LOG_DIR/$name.log" &&
     [[ "${QSHARD_DEVICE_ALLOW_SKIP:-0}" != 1 ]]; then
     echo "device-check: tests were skipped (is the GPU visible?); counting that as a failure"
     status=1
   fi
+}
+for t in "${TESTS[@]}"; do
+  run_tests "$t" "$BUILD_DIR/bin/$t"
 done
+# The model tests again with every opt-in path on (CUDA graphs, GPU sampling in the engine,
+# tensor-core prefill attention): the shared fixtures end to end through them.
+if [[ "${QSHARD_DEVICE_OPTIN:-on}" != off && " ${TESTS[*]} " == *" qshard_model_cuda_tests "* ]]; then
+  RUNS+=(qshard_model_cuda_tests-optin)
+  run_tests qshard_model_cuda_tests-optin "$BUILD_DIR/bin/qshard_model_cuda_tests" \
+    QSHARD_CUDA_GRAPHS=1 QSHARD_CUDA_SAMPLING=1 QSHARD_CUDA_TC_ATTENTION=1
+fi
 
 # ---------------------------------------------------------------------------
 BENCH_RESULT="skipped (QSHARD_DEVICE_BENCH=off)"

@@ -30,15 +30,18 @@
 // Prefill / mixed: RPW = 4, 8 warps = 32 query rows per CTA, no split.
 //
 // Shapes: q/out [T, H * D]; caches [blocks, KVH, block_size, D]; block_tables [S, max_blocks].
-// This is a CUDA-core (fp32 FMA) implementation: correct for every dtype; the prefill path
-// would gain most from tensor cores (mma m16n8k16) later.
+// This is a CUDA-core (fp32 FMA) implementation: correct for every dtype. Prefill and mixed
+// steps with bf16 activations can take the tensor-core kernel of attention_prefill.cu
+// instead (SetTensorCorePrefillAttention / QSHARD_CUDA_TC_ATTENTION=1).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -496,6 +499,16 @@ auto DispatchKind(int kind, F&& f) {
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The tensor-core prefill switch: QSHARD_CUDA_TC_ATTENTION=1 at first use, then whatever
+// SetTensorCorePrefillAttention stored.
+std::atomic<bool>& TensorCorePrefillFlag() {
+  static std::atomic<bool> flag([] {
+    const char* env = std::getenv("QSHARD_CUDA_TC_ATTENTION");
+    return env != nullptr && std::string(env) == "1";
+  }());
+  return flag;
+}
+
 int64_t MaxSplitsFor(int64_t max_context_len) {
   return std::clamp<int64_t>(max_context_len / kMinSplitLen, 1, kMaxSplits);
 }
@@ -563,7 +576,18 @@ int64_t PagedAttentionWorkspaceBytes(int64_t num_tokens, int64_t num_heads, int6
   return splits * num_tokens * num_heads * (head_dim + 2) * static_cast<int64_t>(sizeof(float));
 }
 
+void SetTensorCorePrefillAttention(bool on) {
+  TensorCorePrefillFlag().store(on, std::memory_order_relaxed);
+}
+bool TensorCorePrefillAttentionEnabled() {
+  return TensorCorePrefillFlag().load(std::memory_order_relaxed);
+}
+
 absl::Status LaunchPagedAttention(const PagedAttentionArgs& a, cudaStream_t stream) {
+  if (a.max_query_len > 1 && TensorCorePrefillAttentionEnabled() &&
+      CheckPagedPrefillAttentionTc(a).ok()) {
+    return LaunchPagedPrefillAttentionTc(a, stream);
+  }
   if (a.dtype != DType::kF32 && a.dtype != DType::kBF16) {
     return absl::InvalidArgumentError(
         absl::StrCat("LaunchPagedAttention: activation dtype ", std::string(DTypeName(a.dtype))));

@@ -1,7 +1,7 @@
 // File: attention.h
 // Host launchers for the paged KV cache: writing a step's K/V into cache slots and causal
 // grouped-query attention over the paged cache (prefill, decode and mixed steps). Plain C++
-// (no device code); the kernels live in attention.cu.
+// (no device code); the kernels live in attention.cu and attention_prefill.cu.
 //
 // Cache layout per layer (same as the CPU backend): [num_blocks, num_kv_heads, block_size,
 // head_dim] in the cache dtype: f32, bf16, f16, or fp8 e4m3 / e5m2 with one fp32 scale per
@@ -83,7 +83,27 @@ int64_t PagedAttentionWorkspaceBytes(int64_t num_tokens, int64_t num_heads, int6
                                      int64_t max_context_len);
 
 // out = softmax(q K^T * softmax_scale, causal) V per query head, K/V of head h / (H / KVH).
+// Steps with max_query_len > 1 go to LaunchPagedPrefillAttentionTc when it is enabled
+// (TensorCorePrefillAttentionEnabled) and supports the arguments, else to the CUDA-core
+// kernel; decode steps always take the split-K CUDA-core path.
 absl::Status LaunchPagedAttention(const PagedAttentionArgs& args, cudaStream_t stream);
+
+// The tensor-core (mma.sync m16n8k16, FlashAttention-2 style) kernel for prefill and mixed
+// steps (attention_prefill.cu): same semantics and outputs as LaunchPagedAttention for bf16
+// activations, bf16 / f16 / fp8 e4m3 / e5m2 caches, head_dim 64 or 128, any block_size,
+// any query lengths (1 included). Scores and the softmax statistics are fp32; the softmax
+// weights are rounded to bf16 (f16 for an f16 cache) for the P.V product, as FlashAttention
+// does (<= 2^-8 relative per weight). Does not use the workspace.
+// CheckPagedPrefillAttentionTc: OK, or InvalidArgument naming what is unsupported (f32
+// activations, other cache dtypes or head dims, pointers not 16-byte aligned, bad shapes).
+absl::Status CheckPagedPrefillAttentionTc(const PagedAttentionArgs& args);
+absl::Status LaunchPagedPrefillAttentionTc(const PagedAttentionArgs& args, cudaStream_t stream);
+
+// Process-wide switch for the tensor-core prefill kernel in LaunchPagedAttention. The
+// default is QSHARD_CUDA_TC_ATTENTION=1 in the environment at first use (off otherwise,
+// until a GPU run has verified the kernel). Thread-safe; read at every launch.
+void SetTensorCorePrefillAttention(bool on);
+bool TensorCorePrefillAttentionEnabled();
 
 }  // namespace qshard::cuda
 

@@ -22,6 +22,17 @@
 //       of |v| ~ 2e-4 against an output RMS of ~1e-2: ~1e-2 relative, far outside.
 //       bf16 out: one extra rounding, half an ulp = 2^-8 |value|: per element
 //       5e-3 |want| + 1e-4 rms(row), normwise 4e-3.
+//       Tensor-core prefill kernel (bf16 out only): the same, plus the rounding of the
+//       softmax weights to bf16 before the P.V mma (f16 for an f16 cache: finer, 2^-11).
+//       Each p_j gets a relative error |e_j| <= 2^-8 (round to nearest, 8 significant
+//       bits) while l sums the unrounded p, so out_d moves by sum_j e_j p_j v_jd / l, at
+//       most 2^-8 W_d with W_d = sum_j p_j |v_jd| / l (the reference computes W): the
+//       per-element bound gets + 2^-8 W_d, rigorous for that term. That term is loose for
+//       long contexts (it adds every key's worst case), but the e_j are unbiased and
+//       independent, so normwise they only add in quadrature to the output rounding: a
+//       host emulation of the kernel (fragment-exact, same data) gave <= 1.9e-3 normwise
+//       on these cases, and the normwise bound stays 4e-3. Indexing or masking mistakes
+//       move whole rows and fail both bounds (the short-context cases per element too).
 //   - NaN or inf anywhere fails.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
@@ -102,10 +113,12 @@ std::string Describe(const AttnCase& c) {
 
 struct Tolerance {
   double rel, row_rms, normwise;
+  double abs_weighted = 0;  // times W = sum_j p_j |v_j| / l of the element (tensor cores)
 };
 
-void ExpectClose(const std::vector<float>& got, const std::vector<double>& want, int64_t rows,
-                 int64_t cols, int64_t heads, const Tolerance& tol, const std::string& what) {
+void ExpectClose(const std::vector<float>& got, const std::vector<double>& want,
+                 const std::vector<double>& want_abs, int64_t rows, int64_t cols, int64_t heads,
+                 const Tolerance& tol, const std::string& what) {
   ASSERT_EQ(got.size(), want.size()) << what;
   int64_t bad = 0;
   double worst = 0, diff_sq = 0, want_sq = 0;
@@ -116,7 +129,8 @@ void ExpectClose(const std::vector<float>& got, const std::vector<double>& want,
     for (int64_t c = 0; c < cols; ++c) {
       const double g = got[r * cols + c], w = want[r * cols + c];
       const double err = std::fabs(g - w);
-      const double bound = tol.rel * std::fabs(w) + tol.row_rms * rms;
+      const double bound =
+          tol.rel * std::fabs(w) + tol.row_rms * rms + tol.abs_weighted * want_abs[r * cols + c];
       if (std::isfinite(err)) {
         diff_sq += err * err;
       } else {
@@ -254,7 +268,7 @@ void CudaAttentionTest::RunCase(const AttnCase& c, uint32_t seed) {
   std::vector<float> q(T * H * D);
   for (float& x : q) x = RoundAct(c.act, q_dist(rng));
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
-  std::vector<double> want(T * H * D);
+  std::vector<double> want(T * H * D), want_abs(T * H * D);  // want_abs: sum_j p_j |v_j| / l
   {
     std::vector<double> sc;
     for (int64_t s = 0; s < S; ++s) {
@@ -275,10 +289,14 @@ void CudaAttentionTest::RunCase(const AttnCase& c, uint32_t seed) {
           double denom = 0;
           for (int64_t j = 0; j < len; ++j) denom += (sc[j] = std::exp(sc[j] - mx));
           double* o = want.data() + (t * H + h) * D;
-          for (int64_t d = 0; d < D; ++d) o[d] = 0;
+          double* oa = want_abs.data() + (t * H + h) * D;
+          for (int64_t d = 0; d < D; ++d) o[d] = oa[d] = 0;
           for (int64_t j = 0; j < len; ++j) {
             const double* vr = vq[s].data() + (j * KVH + kvh) * D;
-            for (int64_t d = 0; d < D; ++d) o[d] += sc[j] / denom * vr[d];
+            for (int64_t d = 0; d < D; ++d) {
+              o[d] += sc[j] / denom * vr[d];
+              oa[d] += sc[j] / denom * std::fabs(vr[d]);
+            }
           }
         }
       }
@@ -348,6 +366,11 @@ void CudaAttentionTest::RunCase(const AttnCase& c, uint32_t seed) {
   a.max_query_len = max_q;
   a.workspace = c.workspace ? d_ws->get() : nullptr;
   a.workspace_bytes = ws_bytes;
+  // With the tensor-core switch on, every prefill / mixed case it supports must take it
+  // (a silent fallback would test the CUDA-core kernel twice).
+  const bool tensor_cores = max_q > 1 && TensorCorePrefillAttentionEnabled() &&
+                            c.act == DType::kBF16 && c.cache != DType::kF32;
+  if (tensor_cores) QSHARD_ASSERT_OK(CheckPagedPrefillAttentionTc(a));
   QSHARD_ASSERT_OK(LaunchPagedAttention(a, st));
   QSHARD_ASSERT_OK(stream_.Synchronize());
 
@@ -380,9 +403,11 @@ void CudaAttentionTest::RunCase(const AttnCase& c, uint32_t seed) {
     QSHARD_ASSERT_OK(d_out->CopyToHost(bits.data(), bits.size() * 2, st));
     for (size_t i = 0; i < bits.size(); ++i) got[i] = Bf16ToF32(bits[i]);
   }
-  const Tolerance tol = c.act == DType::kF32 ? Tolerance{1e-4, 1e-4, 2e-5}
-                                             : Tolerance{5e-3, 1e-4, 4e-3};
-  ExpectClose(got, want, T * H, D, H, tol, what);
+  Tolerance tol = c.act == DType::kF32 ? Tolerance{1e-4, 1e-4, 2e-5}
+                                       : Tolerance{5e-3, 1e-4, 4e-3};
+  if (tensor_cores) tol.abs_weighted = std::ldexp(1.0, -8);  // bf16 P (file comment)
+  ExpectClose(got, want, want_abs, T * H, D, H, tol,
+              absl::StrCat(what, tensor_cores ? " tensor cores" : " CUDA cores"));
 }
 
 std::vector<SeqSpec> Decode(std::initializer_list<int64_t> contexts) {
@@ -433,7 +458,34 @@ TEST_F(CudaAttentionTest, DecodeBatch5MixedLengths) {
   RunCase(b, ++seed);
 }
 
-TEST_F(CudaAttentionTest, PrefillOneSequence) {
+// Prefill and mixed steps, once per kernel: the CUDA-core one and the tensor-core one
+// (SetTensorCorePrefillAttention; cases it does not support, f32 activations or caches,
+// still run the CUDA-core kernel there).
+enum class PrefillKernel { kCudaCores, kTensorCores };
+
+class CudaPrefillAttentionTest : public CudaAttentionTest,
+                                 public ::testing::WithParamInterface<PrefillKernel> {
+ protected:
+  void SetUp() override {
+    CudaAttentionTest::SetUp();
+    if (IsSkipped()) return;
+    saved_ = TensorCorePrefillAttentionEnabled();
+    SetTensorCorePrefillAttention(GetParam() == PrefillKernel::kTensorCores);
+  }
+  void TearDown() override { SetTensorCorePrefillAttention(saved_); }
+
+  bool saved_ = false;
+};
+
+INSTANTIATE_TEST_SUITE_P(Kernels, CudaPrefillAttentionTest,
+                         ::testing::Values(PrefillKernel::kCudaCores, PrefillKernel::kTensorCores),
+                         [](const ::testing::TestParamInfo<PrefillKernel>& info) {
+                           return std::string(info.param == PrefillKernel::kTensorCores
+                                                  ? "TensorCores"
+                                                  : "CudaCores");
+                         });
+
+TEST_P(CudaPrefillAttentionTest, PrefillOneSequence) {
   uint32_t seed = 300;
   for (int64_t n : {1, 33, 300}) {
     AttnCase c{.name = "prefill", .act = DType::kF32, .cache = DType::kBF16, .heads = 4,
@@ -455,7 +507,7 @@ TEST_F(CudaAttentionTest, PrefillOneSequence) {
   }
 }
 
-TEST_F(CudaAttentionTest, MixedPrefillChunkAndDecodes) {
+TEST_P(CudaPrefillAttentionTest, MixedPrefillChunkAndDecodes) {
   uint32_t seed = 400;
   // One prefill chunk of 57 tokens on top of 40 cached ones, and two decode tokens.
   AttnCase c{.name = "mixed", .act = DType::kF32, .cache = DType::kF32, .heads = 8,
@@ -475,6 +527,79 @@ TEST_F(CudaAttentionTest, MixedPrefillChunkAndDecodes) {
   RunCase(c, ++seed);
 }
 
+// Many K/V tiles (64 positions each), a query length that is not a multiple of the query
+// tile, and the causal diagonal crossing tiles at every offset.
+TEST_P(CudaPrefillAttentionTest, LongPrefill) {
+  uint32_t seed = 500;
+  AttnCase c{.name = "long prefill", .act = DType::kBF16, .cache = DType::kBF16, .heads = 8,
+             .kv_heads = 2, .head_dim = 128, .block_size = 16, .seqs = {{0, 1037}}};
+  RunCase(c, ++seed);
+  c.heads = c.kv_heads = 4;  // GQA ratio 1: 64 tokens per query tile
+  c.head_dim = 64;
+  c.seqs = {{0, 1100}};
+  RunCase(c, ++seed);
+}
+
+// Chunked prefill: the chunk starts at a cached position > 0, so its first query tile sees
+// whole earlier tiles unmasked and the diagonal lands mid-tile; block sizes 16, 5 (K/V
+// tiles span partial blocks) and 1.
+TEST_P(CudaPrefillAttentionTest, ChunkedPrefill) {
+  uint32_t seed = 600;
+  for (int64_t bs : {16, 5, 1}) {
+    for (int64_t d : {64, 128}) {
+      AttnCase c{.name = "chunk", .act = DType::kBF16, .cache = DType::kBF16, .heads = 8,
+                 .kv_heads = 2, .head_dim = d, .block_size = bs, .seqs = {{300, 77}}};
+      RunCase(c, ++seed);
+      c.seqs = {{130, 150}, {64, 64}};  // two chunks; one starts on a tile boundary
+      RunCase(c, ++seed);
+    }
+  }
+  // A long history under a short chunk: many fully visible tiles, then the diagonal.
+  AttnCase c{.name = "chunk after 2000", .act = DType::kBF16, .cache = DType::kBF16,
+             .heads = 8, .kv_heads = 2, .head_dim = 128, .block_size = 16,
+             .seqs = {{2000, 130}}};
+  RunCase(c, ++seed);
+}
+
+// GQA ratios 1, 4, 8 (query heads of a group share the K/V tiles), and 3 and 6 (a query
+// tile of 21 / 10 tokens leaves padding rows).
+TEST_P(CudaPrefillAttentionTest, GqaGroups) {
+  uint32_t seed = 700;
+  for (int64_t heads : {4, 16, 32, 12, 24}) {
+    AttnCase c{.name = "gqa", .act = DType::kBF16, .cache = DType::kBF16, .heads = heads,
+               .kv_heads = 4, .head_dim = 128, .block_size = 16, .seqs = {{64, 100}, {0, 33}}};
+    RunCase(c, ++seed);
+    c.head_dim = 64;
+    c.block_size = 5;
+    RunCase(c, ++seed);
+  }
+}
+
+// Several sequences of mixed query lengths (1 included) in one step, for every cache dtype
+// the tensor-core kernel takes: f16 (f16 mma), e4m3 / e5m2 (dequantized codes, scales
+// outside the mma).
+TEST_P(CudaPrefillAttentionTest, MixedQueryLengthsAndCaches) {
+  uint32_t seed = 800;
+  const std::vector<SeqSpec> seqs = {{0, 70}, {33, 1}, {129, 64}, {5, 3}, {0, 1}, {200, 17}};
+  for (int64_t d : {64, 128}) {
+    AttnCase c{.name = "mixed lengths", .act = DType::kBF16, .cache = DType::kF16, .heads = 16,
+               .kv_heads = 2, .head_dim = d, .block_size = 16, .seqs = seqs};
+    RunCase(c, ++seed);
+    c.cache = DType::kBF16;
+    c.block_size = 7;
+    RunCase(c, ++seed);
+    c.cache = DType::kF8E4M3;
+    c.k_scale = 0.013f;
+    c.v_scale = 0.006f;
+    RunCase(c, ++seed);
+    c.cache = DType::kF8E5M2;
+    c.k_scale = 0.5f;
+    c.v_scale = 0.125f;
+    c.block_size = 16;
+    RunCase(c, ++seed);
+  }
+}
+
 TEST_F(CudaAttentionTest, RejectsUnsupportedShapes) {
   PagedAttentionArgs a;
   a.num_tokens = a.num_seqs = 1;
@@ -490,6 +615,58 @@ TEST_F(CudaAttentionTest, RejectsUnsupportedShapes) {
   a.num_kv_heads = 2;
   a.cache_dtype = DType::kI8;
   EXPECT_EQ(LaunchPagedAttention(a, stream()).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Host-side (no GPU needed): the tensor-core launcher names what it does not support and
+// returns before touching the device.
+TEST(CudaPrefillAttentionTcArgs, RejectsUnsupported) {
+  alignas(16) static uint8_t dummy[64];
+  PagedAttentionArgs a;
+  a.q = a.k_cache = a.v_cache = dummy;
+  a.out = dummy;
+  a.dtype = DType::kBF16;
+  a.cache_dtype = DType::kBF16;
+  a.num_tokens = a.num_seqs = 1;
+  a.num_heads = 8;
+  a.num_kv_heads = 2;
+  a.head_dim = 128;
+  a.block_size = 16;
+  a.max_context_len = a.max_query_len = 2;
+  EXPECT_TRUE(CheckPagedPrefillAttentionTc(a).ok());
+  auto rejects = [&](const PagedAttentionArgs& bad, const std::string& what) {
+    const absl::Status st = LaunchPagedPrefillAttentionTc(bad, nullptr);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << what;
+    EXPECT_NE(std::string(st.message()).find(what), std::string::npos) << st;
+    EXPECT_EQ(CheckPagedPrefillAttentionTc(bad).code(), absl::StatusCode::kInvalidArgument);
+  };
+  PagedAttentionArgs b = a;
+  b.dtype = DType::kF32;
+  rejects(b, "activation dtype float32");
+  b = a;
+  b.cache_dtype = DType::kF32;
+  rejects(b, "cache dtype float32");
+  b = a;
+  b.head_dim = 80;
+  rejects(b, "head_dim 80");
+  b = a;
+  b.num_kv_heads = 3;
+  rejects(b, "kv_heads=3");
+  b = a;
+  b.cache_dtype = DType::kF8E4M3;
+  b.k_scale = 0.0f;
+  rejects(b, "fp8 scales");
+  b = a;
+  b.q = dummy + 2;
+  rejects(b, "16-byte aligned");
+}
+
+TEST(CudaPrefillAttentionTcArgs, Switch) {
+  const bool saved = TensorCorePrefillAttentionEnabled();
+  SetTensorCorePrefillAttention(true);
+  EXPECT_TRUE(TensorCorePrefillAttentionEnabled());
+  SetTensorCorePrefillAttention(false);
+  EXPECT_FALSE(TensorCorePrefillAttentionEnabled());
+  SetTensorCorePrefillAttention(saved);
 }
 
 }  // namespace
