@@ -259,7 +259,9 @@ fi
 # where warps stall), to direct kernel work. Informational: it never fails the run.
 PROFILE_RESULT="skipped"
 NCU="$(command -v ncu 2>/dev/null || true)"
-[[ -n "$NCU" || ! -x /usr/local/cuda/bin/ncu ]] || NCU=/usr/local/cuda/bin/ncu
+for c in /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu; do
+  [[ -n "$NCU" || ! -x "$c" ]] || NCU="$c"
+done
 if [[ "$BENCH_ARGS" != off && "$PROFILE_FORMATS" != off && -n "$NCU" ]]; then
   section "kernel profile (ncu, layer 0 linears, M=1 and 16)"
   PROFILE_RESULT="ok"
