@@ -19,7 +19,7 @@
 #                           issue's set, Llama-3.1-8B, bf16 fp8 gptq-4bit awq-4bit)
 #   QSHARD_DEVICE_BENCH_TIMEOUT  seconds the benchmark may take (default 240)
 #   QSHARD_DEVICE_PROFILE   formats whose layer-0 decoder linears ncu profiles at M=1 and
-#                           16 after the benchmark ("off" skips it; default bf16,fp8,gptq-4bit;
+#                           16 after the benchmark ("off" skips it; default fp8,gptq-4bit;
 #                           needs ncu; 60 s per format at most; never fails the run)
 #   QSHARD_DEVICE_BUILD_DIR build folder (default build-device)
 #   QSHARD_DEVICE_ALLOW_SKIP=1  do not fail when tests skip (a dry run without a GPU)
@@ -29,9 +29,9 @@
 # The fixture test needs the shared models: scripts/prepare-device-fixtures.sh copies the
 # ones a run needs into .device-fixtures/ (carry it too); without it those tests skip.
 #
-# Writes to LOG_DIR (flat, so everything comes back from the device tool): build.log,
-# nvidia-smi.txt, <target>.log, <target>.xml, bench.log, ncu-<format>.log, profile.txt,
-# summary.txt. Exit status: 0 only when everything built, every test passed and none
+# Writes to LOG_DIR (flat, and at most 8 files, so everything comes back from the device
+# tool): build.log, nvidia-smi.txt, <target>.log (3), bench.log, ncu.log, summary.txt (the
+# gtest XML reports and the per-kernel profile table go to the build folder). Exit status: 0 only when everything built, every test passed and none
 # skipped.
 set -euo pipefail
 
@@ -45,7 +45,7 @@ ARCHS="${QSHARD_CUDA_ARCHS:-90a}"
 read -r -a TESTS <<<"${QSHARD_DEVICE_TESTS:-qshard_backend_cuda_tests qshard_model_cuda_tests}"
 BENCH_ARGS="${QSHARD_DEVICE_BENCH:-}"
 BENCH_TIMEOUT="${QSHARD_DEVICE_BENCH_TIMEOUT:-240}"
-PROFILE_FORMATS="${QSHARD_DEVICE_PROFILE:-bf16,fp8,gptq-4bit}"
+PROFILE_FORMATS="${QSHARD_DEVICE_PROFILE:-fp8,gptq-4bit}"
 JOBS="$(nproc 2>/dev/null || echo 4)"
 BUILD_LOG="$LOG_DIR/build.log"
 SUMMARY="$LOG_DIR/summary.txt"
@@ -216,7 +216,7 @@ run_tests() {
     return
   fi
   local rc=0
-  env "$@" "$bin" --gtest_color=no "--gtest_output=xml:$LOG_DIR/$name.xml" 2>&1 |
+  env "$@" "$bin" --gtest_color=no "--gtest_output=xml:$BUILD_DIR/device-xml/$name.xml" 2>&1 |
     tee "$LOG_DIR/$name.log" || rc=$?
   BINARY_RC[$name]=$rc
   [[ $rc -eq 0 ]] || status=1
@@ -258,6 +258,8 @@ fi
 # Kernel profile: what each linear kernel achieves (DRAM throughput, occupancy, registers,
 # where warps stall), to direct kernel work. Informational: it never fails the run.
 PROFILE_RESULT="skipped"
+PROFILE_TABLE="$BUILD_DIR/profile.txt"
+rm -f "$PROFILE_TABLE"
 NCU="$(command -v ncu 2>/dev/null || true)"
 for c in /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu; do
   [[ -n "$NCU" || ! -x "$c" ]] || NCU="$c"
@@ -271,8 +273,9 @@ if [[ "$BENCH_ARGS" != off && "$PROFILE_FORMATS" != off && -n "$NCU" ]]; then
       --nvtx --nvtx-include "linears/" \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
       "$BUILD_DIR/bin/qshard_cuda_bench" --formats "$f" --layers 1 --profile 1,16 \
-      >"$LOG_DIR/ncu-$f.log" 2>&1 || rc=$?
-    [[ $rc -eq 0 ]] || PROFILE_RESULT="some profiles failed (see ncu-*.log)"
+      >"$BUILD_DIR/ncu-$f.log" 2>&1 || rc=$?
+    cat "$BUILD_DIR/ncu-$f.log" >>"$LOG_DIR/ncu.log"
+    [[ $rc -eq 0 ]] || PROFILE_RESULT="some profiles failed (see ncu.log)"
     # One line per kernel: name (shortened), grid, duration, DRAM %, occupancy, registers,
     # and the start of ncu's note on the main stall reason.
     awk -v fmt="$f" '
@@ -290,7 +293,7 @@ if [[ "$BENCH_ARGS" != off && "$PROFILE_FORMATS" != off && -n "$NCU" ]]; then
       /^    Achieved Occupancy / { occ = $NF }
       /^    Registers Per Thread / { regs = $NF }
       stall == "" && match($0, /spends [0-9.,]+ cycles being stalled [^.]*/) { stall = substr($0, RSTART + 7, RLENGTH - 7) }
-      END { flush() }' "$LOG_DIR/ncu-$f.log" | tee -a "$LOG_DIR/profile.txt" || true
+      END { flush() }' "$BUILD_DIR/ncu-$f.log" | tee -a "$PROFILE_TABLE" || true
   done
 elif [[ -z "$NCU" ]]; then
   PROFILE_RESULT="skipped (no ncu)"
@@ -303,7 +306,7 @@ write_summary
     sed -n '/^## qshard_cuda_bench/,$p' "$LOG_DIR/bench.log"
   fi
   echo "kernel profile: $PROFILE_RESULT"
-  [[ -f "$LOG_DIR/profile.txt" ]] && cat "$LOG_DIR/profile.txt"
+  [[ -f "$PROFILE_TABLE" ]] && cat "$PROFILE_TABLE"
 } | tee -a "$SUMMARY"
 if [[ $status -eq 0 ]]; then
   echo "RESULT: PASS"

@@ -756,7 +756,8 @@ class CudaBackend : public Backend {
                                 int32_t logit_rows) {
     attn_context_len_ = static_cast<int32_t>(
         RoundUp(static_cast<size_t>(std::max(max_context_len_, 1)), kGraphContextBucket));
-    const std::pair<uint64_t, uint64_t> gen{arena_.generation(), resources_};
+    const std::tuple<uint64_t, uint64_t, uint64_t> gen{arena_.generation(), resources_,
+                                                       cuda::ScratchGeneration()};
     if (gen != graph_generation_) {
       DropGraphs();
       graph_generation_ = gen;
@@ -941,7 +942,8 @@ class CudaBackend : public Backend {
   GraphKey key_{};
   std::map<GraphKey, Graph> graphs_;
   std::map<GraphKey, int> warm_;  // eager runs per shape in the current memory layout
-  std::pair<uint64_t, uint64_t> graph_generation_{~uint64_t{0}, 0};
+  // (arena, resources_, kernel scratch) generations the graphs were captured in.
+  std::tuple<uint64_t, uint64_t, uint64_t> graph_generation_{~uint64_t{0}, 0, 0};
   uint64_t resources_ = 0;  // bumped when staging, KV cache, KV scales or RoPE table change
   int32_t attn_context_len_ = 0;  // attention's context bound this step
   int64_t graph_captures_ = 0, graph_replays_ = 0;

@@ -1,3 +1,4 @@
+#include <atomic>
 #include "runtime/backend/cuda/cuda_context.h"
 
 #include <string>
@@ -130,6 +131,13 @@ void DeviceBuffer::Release() {
     bytes_ = 0;
   }
 }
+
+namespace {
+std::atomic<uint64_t> g_scratch_generation{0};
+}  // namespace
+
+uint64_t ScratchGeneration() { return g_scratch_generation.load(std::memory_order_acquire); }
+void BumpScratchGeneration() { g_scratch_generation.fetch_add(1, std::memory_order_acq_rel); }
 
 absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(size_t bytes) {
   DeviceBuffer buf;

@@ -49,6 +49,13 @@ int CudaDeviceCount();
 // Queries device `ordinal` and makes it current for the calling thread.
 absl::StatusOr<DeviceInfo> QueryDevice(int ordinal = 0);
 
+// Kernel scratch that ops grow lazily and share between calls (the linears' split-K
+// partials, activation codes, act-order gathers) is baked into captured CUDA graphs as
+// launch arguments. Whoever frees or replaces such a buffer bumps this process-wide
+// generation, and the backend drops its graphs when it changes.
+uint64_t ScratchGeneration();
+void BumpScratchGeneration();
+
 // An owning device allocation (cudaMalloc: 256-byte aligned). Move-only.
 class DeviceBuffer {
  public:

@@ -86,6 +86,7 @@ Pool& GetPool() {
 absl::Status Grow(DeviceBuffer& buf, size_t bytes, bool zero, cudaStream_t stream) {
   if (bytes <= buf.size()) return absl::OkStatus();
   QSHARD_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  BumpScratchGeneration();  // captured graphs point at the old buffer
   buf = DeviceBuffer();
   QSHARD_ASSIGN_OR_RETURN(buf, DeviceBuffer::Allocate(bytes));
   if (zero) QSHARD_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(buf.get(), 0, bytes, stream));

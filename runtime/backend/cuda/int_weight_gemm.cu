@@ -47,6 +47,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "runtime/backend/cuda/cuda_check.h"
+#include "runtime/backend/cuda/fp8_linear.h"  // the quantized linears' shared scratch pool
 #include "runtime/backend/cuda/int_weight_gemm.h"
 #include "runtime/base/status_macros.h"
 
@@ -177,8 +178,9 @@ __device__ __forceinline__ void Dequant8(uint32_t word, uint2 sz, uint32_t& b0, 
 
 // One block computes a BM x 128 output tile over the K tiles
 // [blockIdx.z * ktiles_per_split, ...). grid = (N tiles, M tiles, K splits).
-// With more than one split (gridDim.z > 1), `workspace` (fp32 [m, n]) and `tile_counters`
-// ([M tiles, N tiles]) must be zero on entry; the kernel leaves them zero again.
+// With more than one split (gridDim.z > 1), `workspace` holds fp32 partials
+// [splits, m, n] (any contents on entry) and `tile_counters` ([M tiles, N tiles]) must be
+// zero on entry; the kernel leaves the counters zero again.
 template <int kBits, int kWarpsM, int kWarpsN, int kMT, int kNT, int kStages, int kMinBlocks>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     IntWeightGemmKernel(const bf16* __restrict__ x, const uint4* __restrict__ codes,
@@ -392,11 +394,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     return;
   }
 
-  // Split K: every split adds its partial tile into the fp32 workspace (zero on entry); the
-  // last split to finish this output tile (a per-tile counter) converts the sum into y and
-  // puts the workspace tile and the counter back to zero for the next call, so no memset or
-  // extra kernel is needed. The fence before the counter increment publishes this block's
-  // atomics before it is counted; the last block reads the sums from L2 (ld.cg).
+  // Split K: every split stores its partial tile into its own fp32 slice of the workspace;
+  // the last split to finish this output tile (a per-tile counter) sums the slices in split
+  // order into y and puts the counter back to zero, so no memset or extra kernel is needed
+  // and the result does not depend on which block finished first (fp32 atomics would make
+  // two runs of one step differ in the last bits). The fence before the counter increment
+  // publishes this block's stores before it is counted; the last block reads from L2.
+  const size_t slice = static_cast<size_t>(m) * n;
+  float* const mine = workspace + slice * blockIdx.z;
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -407,8 +412,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
         const int row = m0 + warp_m * kMT * 16 + mt * 16 + (lane >> 2) + half * 8;
         if (row >= m) continue;
         const size_t off = static_cast<size_t>(row) * n + col;
-        if (col < n) atomicAdd(workspace + off, acc[mt][j][half * 2]);
-        if (col + 1 < n) atomicAdd(workspace + off + 1, acc[mt][j][half * 2 + 1]);
+        if (col < n) __stcg(mine + off, acc[mt][j][half * 2]);
+        if (col + 1 < n) __stcg(mine + off + 1, acc[mt][j][half * 2 + 1]);
       }
     }
   }
@@ -428,8 +433,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     const int col = ntile * kTileN + i % kTileN;
     if (row >= m || col >= n) continue;
     const size_t off = static_cast<size_t>(row) * n + col;
-    const float v = __ldcg(workspace + off);
-    __stcg(workspace + off, 0.0f);
+    float v = 0.0f;
+    for (int z = 0; z < static_cast<int>(gridDim.z); ++z) v += __ldcg(workspace + slice * z + off);
     if (y_is_bf16) {
       static_cast<bf16*>(y)[off] = __float2bfloat16_rn(v);
     } else {
@@ -557,8 +562,11 @@ absl::StatusOr<std::unique_ptr<IntWeightGemm>> IntWeightGemm::Create(const IntQu
   return g;
 }
 
-absl::Status IntWeightGemm::EnsureScratch(DeviceBuffer& buf, size_t bytes) {
+absl::Status IntWeightGemm::EnsureScratch(DeviceBuffer& buf, size_t bytes, cudaStream_t stream) {
   if (buf.size() >= bytes) return absl::OkStatus();
+  // Kernels queued on `stream` may still read the old buffer; graphs captured with it go.
+  QSHARD_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  BumpScratchGeneration();
   QSHARD_ASSIGN_OR_RETURN(buf, DeviceBuffer::Allocate(bytes));
   return absl::OkStatus();
 }
@@ -579,7 +587,8 @@ absl::Status IntWeightGemm::Run(const void* x, int64_t m, void* y, DType y_dtype
   const bf16* xin = static_cast<const bf16*>(x);
   if (act_order_) {
     const int64_t total = m * k_;
-    QSHARD_RETURN_IF_ERROR(EnsureScratch(gather_, static_cast<size_t>(total) * sizeof(bf16)));
+    QSHARD_RETURN_IF_ERROR(
+        EnsureScratch(gather_, static_cast<size_t>(total) * sizeof(bf16), stream));
     GatherColumnsKernel<<<ElementwiseBlocks(total), 256, 0, stream>>>(
         xin, perm_.as<int32_t>(), total, static_cast<int>(k_), gather_.as<bf16>());
     QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
@@ -621,20 +630,14 @@ absl::Status IntWeightGemm::Run(const void* x, int64_t m, void* y, DType y_dtype
   a.workspace = nullptr;
   a.tile_counters = nullptr;
   if (splits > 1) {
-    // Grown (and zeroed once) on the first calls that need more; the kernel leaves both
-    // zero again, so the steady state has no memset.
-    const size_t ws_bytes = static_cast<size_t>(m * n_) * sizeof(float);
-    const size_t counter_bytes = static_cast<size_t>(m_tiles * n_tiles) * sizeof(int);
-    if (workspace_.size() < ws_bytes) {
-      QSHARD_ASSIGN_OR_RETURN(workspace_, DeviceBuffer::Allocate(ws_bytes));
-      QSHARD_RETURN_IF_ERROR(workspace_.Fill(0, stream));
-    }
-    if (counters_.size() < counter_bytes) {
-      QSHARD_ASSIGN_OR_RETURN(counters_, DeviceBuffer::Allocate(counter_bytes));
-      QSHARD_RETURN_IF_ERROR(counters_.Fill(0, stream));
-    }
-    a.workspace = workspace_.as<float>();
-    a.tile_counters = counters_.as<int>();
+    // The partial slices and arrival counters live in the scratch pool every quantized
+    // linear shares (one stream runs one linear at a time): splits * m * n floats is about
+    // 3 blocks per SM times one output tile, a few MiB, where a buffer per layer would
+    // cost hundreds of MiB on an 8B model. The kernel leaves the counters zero.
+    QSHARD_ASSIGN_OR_RETURN(const Quant8Scratch s,
+                            GetQuant8Scratch(0, 0, 0, splits * m * n_, m_tiles * n_tiles, stream));
+    a.workspace = static_cast<float*>(s.partials);
+    a.tile_counters = s.counters;
   }
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(m_tiles),
                   static_cast<unsigned>(splits));

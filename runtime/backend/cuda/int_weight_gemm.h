@@ -23,9 +23,10 @@
 //     into the fp32 2^23 + q trick, fp32 fma, cvt to bf16x2); mma.sync.m16n8k16 bf16 with
 //     fp32 accumulators. M <= 64 uses 16 x 128 block tiles (5 stages, 3-4 blocks per SM);
 //     larger M uses 128 x 128 block tiles (3 stages). When the output tiles alone give fewer
-//     than ~3 blocks per SM, K is split over blocks: fp32 atomics into a workspace, and the
-//     last block of each output tile (a per-tile arrival counter) writes y and re-zeroes
-//     the workspace, so the steady state needs no memset and no second kernel.
+//     than ~3 blocks per SM, K is split over blocks: each split stores its fp32 partial
+//     tile into its own slice of a shared workspace, and the last block of each output
+//     tile (a per-tile arrival counter) sums the slices in split order (deterministic)
+//     into y, so the steady state needs no memset and no second kernel.
 //
 // Requirements (Create returns InvalidArgument otherwise): bits 4 or 8; K a multiple of 64
 // (the K tile); after sorting by group, every aligned run of 16 inputs lies in one group
@@ -129,9 +130,10 @@ class IntWeightGemm {
 
   // y[m, N] = x[m, K] . W^T. x: bf16 [m, K] (16-byte aligned), y: [m, N] in y_dtype
   // (kBF16 or kF32), both device, row-major, dense, not overlapping. Any m >= 1.
-  // Enqueued on `stream` without host synchronization. Scratch (the act-order gather and
-  // the split-K workspace) grows on the first calls that need more and is then reused,
-  // so calls on different streams must not run concurrently on one object.
+  // Enqueued on `stream` without host synchronization. Scratch (the act-order gather, and
+  // the split-K partials in the pool the quantized linears share) grows on the first calls
+  // that need more and is then reused, so quantized linears must not run concurrently on
+  // different streams.
   absl::Status Run(const void* x, int64_t m, void* y, DType y_dtype, cudaStream_t stream);
 
   int64_t weight_bytes() const;     // device bytes of codes + scales/zeros + tables + perm
@@ -141,7 +143,7 @@ class IntWeightGemm {
 
  private:
   IntWeightGemm() = default;
-  absl::Status EnsureScratch(DeviceBuffer& buf, size_t bytes);
+  absl::Status EnsureScratch(DeviceBuffer& buf, size_t bytes, cudaStream_t stream);
 
   int bits_ = 4;
   int64_t k_ = 0;
@@ -154,9 +156,7 @@ class IntWeightGemm {
   DeviceBuffer scale_zero_;
   DeviceBuffer kblock_info_;
   DeviceBuffer perm_;
-  DeviceBuffer gather_;     // act-order: x with columns permuted, bf16 [m, K]
-  DeviceBuffer workspace_;  // split-K fp32 accumulation [m, N], zero between calls
-  DeviceBuffer counters_;   // split-K arrivals per output tile, zero between calls
+  DeviceBuffer gather_;  // act-order: x with columns permuted, bf16 [m, K]
 };
 
 }  // namespace qshard::cuda

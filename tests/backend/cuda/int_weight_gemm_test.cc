@@ -339,7 +339,9 @@ void RunCase(const GemmCase& c, uint32_t seed, cudaStream_t stream, int repeats 
   auto ybuf = DeviceBuffer::Allocate(ybytes);
   ASSERT_TRUE(ybuf.ok()) << ybuf.status();
 
-  // Run twice (the second run reuses the scratch buffers grown by the first).
+  // Run twice (the second run reuses the scratch buffers grown by the first); the runs
+  // must be bitwise equal (split-K partials are summed in a fixed order).
+  std::vector<float> first;
   for (int rep = 0; rep < repeats; ++rep) {
     SCOPED_TRACE(absl::StrCat("run ", rep));
     QSHARD_ASSERT_OK(ybuf->Fill(0xFF, stream));
@@ -354,6 +356,12 @@ void RunCase(const GemmCase& c, uint32_t seed, cudaStream_t stream, int repeats 
       for (size_t i = 0; i < y.size(); ++i) y[i] = Bf16ToF32(yb[i]);
     }
 
+    if (rep == 0) {
+      first = y;
+    } else {
+      EXPECT_EQ(std::memcmp(first.data(), y.data(), y.size() * sizeof(float)), 0)
+          << "a second run of the same product differs from the first";
+    }
     double err2 = 0.0, ref2 = 0.0;
     int64_t bad = 0;
     double worst = 0.0;
