@@ -133,9 +133,10 @@ struct FormatResult {
   double linear_bytes = 0;  // decoder linears + lm_head, bytes read per decode step
   std::map<int64_t, double> linear_ms;  // M -> all decoder linears, ms
   std::map<int64_t, double> decode_tps;  // batch -> tokens/s
-  // batch -> tokens/s sampling on the GPU, eager [0] and replayed from CUDA graphs [1]
-  // (0: failed, the reason in fast_error).
-  std::map<int64_t, double> fast_tps[2];
+  // batch -> tokens/s sampling on the GPU, eager [0], replayed from CUDA graphs [1], and
+  // from graphs without programmatic dependent launch [2] (0: failed, see fast_error).
+  std::map<int64_t, double> fast_tps[3];
+  double linear_ms_no_pdl = 0;  // all decoder linears at M = 1 with QSHARD_CUDA_PDL=0
   std::string fast_error;
   double prefill_tps = 0;
   double prefill_tc_tps = 0;  // with the tensor-core prefill attention (0: failed)
@@ -230,6 +231,14 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
   for (int64_t m : {1, 16}) {
     QSHARD_ASSIGN_OR_RETURN(r.linear_ms[m], TimeLinears(*model, m));
   }
+  {  // the same without programmatic dependent launch, for the ratio
+    const bool pdl = cuda::ProgrammaticLaunchEnabled();
+    cuda::SetProgrammaticLaunch(false);
+    absl::StatusOr<double> ms = TimeLinears(*model, 1);
+    cuda::SetProgrammaticLaunch(pdl);
+    QSHARD_RETURN_IF_ERROR(ms.status());
+    r.linear_ms_no_pdl = *ms;
+  }
 
   // KV cache for the largest batch and the prefill.
   const int64_t bs = 16;
@@ -268,12 +277,16 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
     std::vector<SamplingRow> rows(B);  // greedy, like the engine's temperature-0 requests
     for (SamplingRow& row : rows) row.temperature = 0.0f;
     std::vector<SampledToken> sampled;
-    // The same decode steps three ways: logits to the host (pass 0), sampled on the GPU
-    // (1), and sampled on the GPU with the step replayed from a CUDA graph (2). Each pass
-    // rewrites the same cache positions, which is fine for timing.
-    for (int pass = 0; pass < 3; ++pass) {
+    // The same decode steps four ways: logits to the host (pass 0), sampled on the GPU
+    // (1), sampled on the GPU with the step replayed from a CUDA graph (2), and that
+    // without programmatic dependent launch (3). Each pass rewrites the same cache
+    // positions, which is fine for timing.
+    const bool pdl = cuda::ProgrammaticLaunchEnabled();
+    for (int pass = 0; pass < 4; ++pass) {
       if (pass > 0 && !with_graphs) break;
-      QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, pass == 2));
+      QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, false));  // drops the graphs
+      QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, pass >= 2));
+      cuda::SetProgrammaticLaunch(pass == 3 ? false : pdl);
       std::vector<double> times;
       absl::Status st;
       for (int64_t step = 0; step < steps && st.ok(); ++step) {
@@ -302,6 +315,7 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
       }
     }
     QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, false));
+    cuda::SetProgrammaticLaunch(pdl);
   }
 
   {
@@ -429,14 +443,17 @@ int Main(int argc, char** argv) {
   if (graphs) {
     for (int64_t B : batches) std::printf(" gpu-sample b%lld tok/s |", static_cast<long long>(B));
     for (int64_t B : batches) std::printf(" +graphs b%lld tok/s |", static_cast<long long>(B));
-    std::printf(" +graphs b1 / roofline |");
+    for (int64_t B : batches) {
+      std::printf(" +graphs no-PDL b%lld tok/s |", static_cast<long long>(B));
+    }
+    std::printf(" +graphs b1 / roofline | linears M=1 no-PDL ms |");
   }
   std::printf("\n|---|---|---|---|---|---|");
   for (size_t i = 0; i < batches.size(); ++i) std::printf("---|");
   std::printf("---|---|---|");
   if (graphs) {
-    for (size_t i = 0; i < 2 * batches.size(); ++i) std::printf("---|");
-    std::printf("---|");
+    for (size_t i = 0; i < 3 * batches.size(); ++i) std::printf("---|");
+    std::printf("---|---|");
   }
   std::printf("\n");
   std::fflush(stdout);
@@ -468,7 +485,7 @@ int Main(int argc, char** argv) {
       }
       const auto& g = r.fast_tps[1];
       const double g1 = g.count(batches.front()) ? g.at(batches.front()) : 0.0;
-      std::printf(" %.0f%% |", 100.0 * g1 / roof);
+      std::printf(" %.0f%% | %.3f |", 100.0 * g1 / roof, r.linear_ms_no_pdl);
     }
     std::printf("\n");
     if (!r.fast_error.empty()) {

@@ -23,14 +23,16 @@
 #                           needs ncu; 60 s per format at most; never fails the run)
 #   QSHARD_DEVICE_BUILD_DIR build folder (default build-device)
 #   QSHARD_DEVICE_ALLOW_SKIP=1  do not fail when tests skip (a dry run without a GPU)
-#   QSHARD_DEVICE_OPTIN     "off" skips the second run of the model tests with the opt-in
-#                           paths on (QSHARD_CUDA_GRAPHS / _SAMPLING / _TC_ATTENTION=1)
+#   QSHARD_DEVICE_FALLBACK  "off" skips the second run of the model tests with the default
+#                           fast paths off (QSHARD_CUDA_GRAPHS / _SAMPLING / _TC_ATTENTION /
+#                           _PDL=0), which is what a user who turns them off runs
 #
 # The fixture test needs the shared models: scripts/prepare-device-fixtures.sh copies the
 # ones a run needs into .device-fixtures/ (carry it too); without it those tests skip.
 #
 # Writes to LOG_DIR (flat, and at most 8 files, so everything comes back from the device
-# tool): build.log, nvidia-smi.txt, <target>.log (3), bench.log, ncu.log, summary.txt (the
+# tool): build.log, nvidia-smi.txt, <target>.log (3: the two test binaries and the model
+# tests' fallback run), bench.log, ncu.log, summary.txt (the
 # gtest XML reports and the per-kernel profile table go to the build folder). Exit status: 0 only when everything built, every test passed and none
 # skipped.
 set -euo pipefail
@@ -229,12 +231,13 @@ run_tests() {
 for t in "${TESTS[@]}"; do
   run_tests "$t" "$BUILD_DIR/bin/$t"
 done
-# The model tests again with every opt-in path on (CUDA graphs, GPU sampling in the engine,
-# tensor-core prefill attention): the shared fixtures end to end through them.
-if [[ "${QSHARD_DEVICE_OPTIN:-on}" != off && " ${TESTS[*]} " == *" qshard_model_cuda_tests "* ]]; then
-  RUNS+=(qshard_model_cuda_tests-optin)
-  run_tests qshard_model_cuda_tests-optin "$BUILD_DIR/bin/qshard_model_cuda_tests" \
-    QSHARD_CUDA_GRAPHS=1 QSHARD_CUDA_SAMPLING=1 QSHARD_CUDA_TC_ATTENTION=1
+# The model tests again with the default fast paths off (CUDA graphs, GPU sampling in the
+# engine, tensor-core prefill attention, programmatic dependent launch): the shared
+# fixtures end to end through the fallbacks too.
+if [[ "${QSHARD_DEVICE_FALLBACK:-on}" != off && " ${TESTS[*]} " == *" qshard_model_cuda_tests "* ]]; then
+  RUNS+=(qshard_model_cuda_tests-fallback)
+  run_tests qshard_model_cuda_tests-fallback "$BUILD_DIR/bin/qshard_model_cuda_tests" \
+    QSHARD_CUDA_GRAPHS=0 QSHARD_CUDA_SAMPLING=0 QSHARD_CUDA_TC_ATTENTION=0 QSHARD_CUDA_PDL=0
 fi
 
 # ---------------------------------------------------------------------------

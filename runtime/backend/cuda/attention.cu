@@ -32,7 +32,7 @@
 // Shapes: q/out [T, H * D]; caches [blocks, KVH, block_size, D]; block_tables [S, max_blocks].
 // This is a CUDA-core (fp32 FMA) implementation: correct for every dtype. Prefill and mixed
 // steps with bf16 activations can take the tensor-core kernel of attention_prefill.cu
-// instead (SetTensorCorePrefillAttention / QSHARD_CUDA_TC_ATTENTION=1).
+// instead (the default; SetTensorCorePrefillAttention / QSHARD_CUDA_TC_ATTENTION=0).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -47,6 +47,7 @@
 #include "absl/strings/str_cat.h"
 #include "runtime/backend/cuda/attention.h"
 #include "runtime/backend/cuda/cuda_check.h"
+#include "runtime/backend/cuda/pdl.cuh"
 
 namespace qshard::cuda {
 namespace {
@@ -232,6 +233,7 @@ inline constexpr int kMinBlocks = RPW != 1 ? 1 : (kKind == kCacheF32 ? 2 : 3);
 // K and V tiles [kTile, D + kRowPad] and q rows [warps * RPW, D], all fp32.
 template <int kKind, int D, int RPW>
 __global__ void __launch_bounds__(256, kMinBlocks<kKind, RPW>) PagedAttentionKernel(const AttnParams p) {
+  PdlLaunchDependents();  // a linear after this may start fetching its weights (pdl.cuh)
   constexpr int kBytes = CacheTraits<kKind>::kBytes;
   constexpr int kElemsPerVec = 16 / kBytes;
   constexpr int kVecsPerRow = D * kBytes / 16;
@@ -438,6 +440,7 @@ __global__ void __launch_bounds__(256, kMinBlocks<kKind, RPW>) PagedAttentionKer
 // grid: T * H; block: D threads (one output dim each). Combines the splits' partials.
 __global__ void SplitCombineKernel(const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
                                    int num_splits, int64_t rows, int D, void* out, bool act_bf16) {
+  PdlLaunchDependents();  // a linear after this may start fetching its weights (pdl.cuh)
   const int64_t row = blockIdx.x;  // t * H + h
   const int d = threadIdx.x;
   float M = -INFINITY;
@@ -499,12 +502,12 @@ auto DispatchKind(int kind, F&& f) {
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The tensor-core prefill switch: QSHARD_CUDA_TC_ATTENTION=1 at first use, then whatever
-// SetTensorCorePrefillAttention stored.
+// The tensor-core prefill switch: on unless QSHARD_CUDA_TC_ATTENTION=0 at first use, then
+// whatever SetTensorCorePrefillAttention stored.
 std::atomic<bool>& TensorCorePrefillFlag() {
   static std::atomic<bool> flag([] {
     const char* env = std::getenv("QSHARD_CUDA_TC_ATTENTION");
-    return env != nullptr && std::string(env) == "1";
+    return env == nullptr || std::string(env) != "0";
   }());
   return flag;
 }

@@ -99,9 +99,9 @@ absl::Status LaunchPagedAttention(const PagedAttentionArgs& args, cudaStream_t s
 absl::Status CheckPagedPrefillAttentionTc(const PagedAttentionArgs& args);
 absl::Status LaunchPagedPrefillAttentionTc(const PagedAttentionArgs& args, cudaStream_t stream);
 
-// Process-wide switch for the tensor-core prefill kernel in LaunchPagedAttention. The
-// default is QSHARD_CUDA_TC_ATTENTION=1 in the environment at first use (off otherwise,
-// until a GPU run has verified the kernel). Thread-safe; read at every launch.
+// Process-wide switch for the tensor-core prefill kernel in LaunchPagedAttention. On by
+// default; QSHARD_CUDA_TC_ATTENTION=0 in the environment at first use turns it off.
+// Thread-safe; read at every launch.
 void SetTensorCorePrefillAttention(bool on);
 bool TensorCorePrefillAttentionEnabled();
 

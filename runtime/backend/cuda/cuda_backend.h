@@ -34,13 +34,13 @@ namespace qshard {
 // message when there is no driver or device.
 absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend();
 
-// Decode steps captured into CUDA graphs and replayed (see cuda_backend.cc). Off by
-// default until a GPU run has measured and verified it; QSHARD_CUDA_GRAPHS=1 turns it on
-// at creation. Fails when `backend` is not a CUDA backend.
+// Decode steps captured into CUDA graphs and replayed (see cuda_backend.cc). On by
+// default; QSHARD_CUDA_GRAPHS=0 in the environment turns it off at creation. Fails when
+// `backend` is not a CUDA backend.
 absl::Status SetCudaGraphs(Backend& backend, bool on);
 // Sampling on the GPU (Backend::Sample; the engine then never copies logits to the host).
-// Off by default until a GPU run has verified it in the engine; QSHARD_CUDA_SAMPLING=1
-// turns it on at creation. Fails when `backend` is not a CUDA backend.
+// On by default; QSHARD_CUDA_SAMPLING=0 in the environment turns it off at creation.
+// Fails when `backend` is not a CUDA backend.
 absl::Status SetCudaSampling(Backend& backend, bool on);
 // (graphs captured, graph replays) so far; (0, 0) for other backends.
 std::pair<int64_t, int64_t> CudaGraphStats(const Backend& backend);

@@ -1,7 +1,9 @@
-#include <atomic>
 #include "runtime/backend/cuda/cuda_context.h"
 
+#include <atomic>
+#include <cstdlib>
 #include <string>
+#include <string_view>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -138,6 +140,32 @@ std::atomic<uint64_t> g_scratch_generation{0};
 
 uint64_t ScratchGeneration() { return g_scratch_generation.load(std::memory_order_acquire); }
 void BumpScratchGeneration() { g_scratch_generation.fetch_add(1, std::memory_order_acq_rel); }
+
+namespace {
+// -1: not decided yet; 0 / 1: off / on.
+std::atomic<int> g_pdl{-1};
+}  // namespace
+
+bool ProgrammaticLaunchEnabled() {
+  int v = g_pdl.load(std::memory_order_acquire);
+  if (v < 0) {
+    int device = 0, major = 0;
+    const char* env = std::getenv("QSHARD_CUDA_PDL");
+    const bool env_off = env != nullptr && std::string_view(env) == "0";
+    v = (!env_off && cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
+             cudaSuccess &&
+         major >= 9)
+            ? 1
+            : 0;
+    g_pdl.store(v, std::memory_order_release);
+  }
+  return v == 1;
+}
+
+void SetProgrammaticLaunch(bool enabled) {
+  g_pdl.store(enabled ? 1 : 0, std::memory_order_release);
+}
 
 absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(size_t bytes) {
   DeviceBuffer buf;

@@ -56,6 +56,13 @@ absl::StatusOr<DeviceInfo> QueryDevice(int ordinal = 0);
 uint64_t ScratchGeneration();
 void BumpScratchGeneration();
 
+// Whether the linear kernels are launched with programmatic dependent launch (pdl.cuh):
+// on by default where the current device has compute capability 9.0 or more, unless the
+// environment sets QSHARD_CUDA_PDL=0; SetProgrammaticLaunch overrides both (benchmarks
+// compare the two in one run).
+bool ProgrammaticLaunchEnabled();
+void SetProgrammaticLaunch(bool enabled);
+
 // An owning device allocation (cudaMalloc: 256-byte aligned). Move-only.
 class DeviceBuffer {
  public:

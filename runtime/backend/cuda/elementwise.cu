@@ -22,6 +22,7 @@
 #include "runtime/backend/cuda/cuda_check.h"
 #include "runtime/backend/cuda/device_convert.cuh"
 #include "runtime/backend/cuda/elementwise.h"
+#include "runtime/backend/cuda/pdl.cuh"
 
 namespace qshard::cuda {
 namespace {
@@ -75,6 +76,7 @@ __global__ void RopeKernel(T* q, T* k, int64_t T_tokens, int q_heads, int kv_hea
 // No __restrict__ on gate / up / out: out may alias either input.
 template <typename T, int kVec>
 __global__ void SiluMulKernel(const T* gate, const T* up, T* out, int64_t num_vecs) {
+  PdlLaunchDependents();  // a linear after this may start fetching its weights (pdl.cuh)
   for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < num_vecs;
        v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const Pack<T, kVec> g = reinterpret_cast<const Pack<T, kVec>*>(gate)[v];

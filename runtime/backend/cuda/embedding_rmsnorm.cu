@@ -26,6 +26,7 @@
 #include "runtime/backend/cuda/cuda_check.h"
 #include "runtime/backend/cuda/device_convert.cuh"
 #include "runtime/backend/cuda/embedding_rmsnorm.h"
+#include "runtime/backend/cuda/pdl.cuh"
 #include "runtime/base/status_macros.h"
 
 namespace qshard::cuda {
@@ -108,6 +109,7 @@ __global__ void EmbeddingKernel(const TableT* __restrict__ table, int64_t vocab,
 template <typename InT, typename OutT, int kVec>
 __global__ void RmsNormKernel(const InT* x, const float* __restrict__ weight, float eps, int d,
                               OutT* out) {
+  PdlLaunchDependents();  // a linear after this may start fetching its weights (pdl.cuh)
   const int64_t offset = static_cast<int64_t>(blockIdx.x) * d;
   const InT* x_row = x + offset;
   OutT* out_row = out + offset;
@@ -137,6 +139,7 @@ __global__ void RmsNormKernel(const InT* x, const float* __restrict__ weight, fl
 template <typename ResT, typename InT, typename OutT, int kVec>
 __global__ void AddRmsNormKernel(ResT* residual, const InT* x, const float* __restrict__ weight,
                                  float eps, int d, OutT* out) {
+  PdlLaunchDependents();  // a linear after this may start fetching its weights (pdl.cuh)
   const int64_t offset = static_cast<int64_t>(blockIdx.x) * d;
   ResT* res_row = residual + offset;
   const InT* x_row = x + offset;

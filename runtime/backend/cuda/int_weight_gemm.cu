@@ -49,6 +49,7 @@
 #include "runtime/backend/cuda/cuda_check.h"
 #include "runtime/backend/cuda/fp8_linear.h"  // the quantized linears' shared scratch pool
 #include "runtime/backend/cuda/int_weight_gemm.h"
+#include "runtime/backend/cuda/pdl.cuh"
 #include "runtime/base/status_macros.h"
 
 namespace qshard::cuda {
@@ -57,6 +58,8 @@ namespace {
 using bf16 = __nv_bfloat16;
 
 constexpr int kThreads = 256;
+// K tiles of its range a block pulls toward L2 before the previous kernel has finished.
+constexpr int kPrefetchTiles = 16;
 constexpr int kTileK = kIntGemmTileK;
 constexpr int kTileN = kIntGemmTileN;
 static_assert(kTileK == 64 && kTileN == 128, "the kernel's index math assumes 64 x 128 tiles");
@@ -210,6 +213,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const int kt_begin = blockIdx.z * ktiles_per_split;
   const int kt_end = min(k_tiles, kt_begin + ktiles_per_split);
   const int num_kt = kt_end - kt_begin;
+
+  // The code tiles do not depend on the kernel before this one (pdl.cuh): the first
+  // kPrefetchTiles of this block's K range go toward L2 while that kernel finishes.
+  {
+    const char* tiles = reinterpret_cast<const char*>(
+        codes + (static_cast<size_t>(ntile) * k_tiles + kt_begin) * (Cfg::kBBytes / 16));
+    const int lines = min(num_kt, kPrefetchTiles) * (Cfg::kBBytes / 128);
+    for (int i = tid; i < lines; i += kThreads) PrefetchL2(tiles + static_cast<size_t>(i) * 128);
+  }
+  PdlWait();
+  PdlLaunchDependents();
 
   // Per-thread copy assignments, fixed for the whole loop (compile-time trip counts, so
   // the loader is straight-line code): x chunks i = r * kThreads + tid of the kBM x 8
@@ -504,10 +518,10 @@ struct LaunchArgs {
 
 template <int kBits, typename Shape>
 absl::Status LaunchGemm(const LaunchArgs& a, dim3 grid, cudaStream_t stream) {
-  KernelFor<kBits, Shape>()<<<grid, kThreads, SmemFor<kBits, Shape>(), stream>>>(
-      a.x, a.codes, a.scale_zero, a.kinfo, a.m, a.k, a.n, a.n_padded, a.ktiles_per_split, a.y,
-      a.y_is_bf16, a.vec_store, a.workspace, a.tile_counters);
-  QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
+  QSHARD_CUDA_RETURN_IF_ERROR(LaunchPdl(
+      KernelFor<kBits, Shape>(), grid, dim3(kThreads), SmemFor<kBits, Shape>(), stream, a.x,
+      a.codes, a.scale_zero, a.kinfo, a.m, a.k, a.n, a.n_padded, a.ktiles_per_split, a.y,
+      a.y_is_bf16, a.vec_store, a.workspace, a.tile_counters));
   return absl::OkStatus();
 }
 
