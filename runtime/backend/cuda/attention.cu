@@ -48,6 +48,7 @@
 #include "runtime/backend/cuda/attention.h"
 #include "runtime/backend/cuda/cuda_check.h"
 #include "runtime/backend/cuda/pdl.cuh"
+#include "runtime/base/status_macros.h"
 
 namespace qshard::cuda {
 namespace {
@@ -65,6 +66,9 @@ constexpr int kRowPad = 4;
 // there are at most kMaxSplits of them.
 constexpr int64_t kMinSplitLen = 128;
 constexpr int64_t kMaxSplits = 32;
+// Decode split boundaries are planned for the context rounded up to this (the CUDA
+// backend's graph context bucket, kGraphContextBucket in cuda_backend.cc).
+constexpr int64_t kSplitPlanBucket = 256;
 
 template <int kKind>
 struct CacheTraits;
@@ -175,6 +179,8 @@ __global__ void KvWriteKernel(const void* __restrict__ k, const void* __restrict
                               const int32_t* __restrict__ slot_mapping, void* k_cache,
                               void* v_cache, int block_size, float k_inv_scale,
                               float v_inv_scale) {
+  PdlWait();  // launched with LaunchPdl: the inputs are ready after this (pdl.cuh)
+  PdlLaunchDependents();
   const int64_t row_len = static_cast<int64_t>(kv_heads) * head_dim;
   const int64_t total = T * row_len;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
@@ -233,7 +239,8 @@ inline constexpr int kMinBlocks = RPW != 1 ? 1 : (kKind == kCacheF32 ? 2 : 3);
 // K and V tiles [kTile, D + kRowPad] and q rows [warps * RPW, D], all fp32.
 template <int kKind, int D, int RPW>
 __global__ void __launch_bounds__(256, kMinBlocks<kKind, RPW>) PagedAttentionKernel(const AttnParams p) {
-  PdlLaunchDependents();  // a linear after this may start fetching its weights (pdl.cuh)
+  PdlWait();  // launched with LaunchPdl: the inputs are ready after this (pdl.cuh)
+  PdlLaunchDependents();
   constexpr int kBytes = CacheTraits<kKind>::kBytes;
   constexpr int kElemsPerVec = 16 / kBytes;
   constexpr int kVecsPerRow = D * kBytes / 16;
@@ -440,7 +447,8 @@ __global__ void __launch_bounds__(256, kMinBlocks<kKind, RPW>) PagedAttentionKer
 // grid: T * H; block: D threads (one output dim each). Combines the splits' partials.
 __global__ void SplitCombineKernel(const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
                                    int num_splits, int64_t rows, int D, void* out, bool act_bf16) {
-  PdlLaunchDependents();  // a linear after this may start fetching its weights (pdl.cuh)
+  PdlWait();  // launched with LaunchPdl: the inputs are ready after this (pdl.cuh)
+  PdlLaunchDependents();
   const int64_t row = blockIdx.x;  // t * H + h
   const int d = threadIdx.x;
   float M = -INFINITY;
@@ -512,6 +520,21 @@ std::atomic<bool>& TensorCorePrefillFlag() {
   return flag;
 }
 
+// The current device's SM count, asked of the driver once per device (not per launch).
+absl::StatusOr<int> CurrentDeviceSms() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
+  int device = 0;
+  QSHARD_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  if (device >= 0 && device < kMaxDevices) {
+    if (const int v = cached[device].load(std::memory_order_relaxed); v > 0) return v;
+  }
+  int sms = 0;
+  QSHARD_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (device >= 0 && device < kMaxDevices) cached[device].store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
 int64_t MaxSplitsFor(int64_t max_context_len) {
   return std::clamp<int64_t>(max_context_len / kMinSplitLen, 1, kMaxSplits);
 }
@@ -526,7 +549,7 @@ absl::Status LaunchAttentionKernel(const AttnParams& params, dim3 grid, int warp
     QSHARD_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  kernel<<<grid, warps * 32, smem, stream>>>(params);
+  (void)LaunchPdl(kernel, dim3(grid), dim3(warps * 32), smem, stream, params);
   QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }
@@ -563,10 +586,10 @@ absl::Status LaunchKvWrite(const void* k, const void* v, DType act_dtype, int64_
   const float k_inv = IsFp8Kind(kind) ? 1.0f / k_scale : 1.0f;
   const float v_inv = IsFp8Kind(kind) ? 1.0f / v_scale : 1.0f;
   return DispatchKind(kind, [&](auto tag) -> absl::Status {
-    KvWriteKernel<decltype(tag)::value><<<blocks, kThreads, 0, stream>>>(
-        k, v, act_dtype == DType::kBF16, T, static_cast<int>(kv_heads),
-        static_cast<int>(head_dim), slot_mapping, k_cache, v_cache, static_cast<int>(block_size),
-        k_inv, v_inv);
+    (void)LaunchPdl(KvWriteKernel<decltype(tag)::value>, dim3(blocks), dim3(kThreads), 0, stream, k,
+                    v, act_dtype == DType::kBF16, T, static_cast<int>(kv_heads),
+                    static_cast<int>(head_dim), slot_mapping, k_cache, v_cache,
+                    static_cast<int>(block_size), k_inv, v_inv);
     QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
     return absl::OkStatus();
   });
@@ -574,7 +597,9 @@ absl::Status LaunchKvWrite(const void* k, const void* v, DType act_dtype, int64_
 
 int64_t PagedAttentionWorkspaceBytes(int64_t num_tokens, int64_t num_heads, int64_t head_dim,
                                      int64_t max_context_len) {
-  const int64_t splits = MaxSplitsFor(max_context_len);
+  // As LaunchPagedAttention plans them: for the context rounded up to kSplitPlanBucket.
+  const int64_t splits =
+      MaxSplitsFor(CeilDiv(max_context_len, kSplitPlanBucket) * kSplitPlanBucket);
   if (splits <= 1) return 0;
   return splits * num_tokens * num_heads * (head_dim + 2) * static_cast<int64_t>(sizeof(float));
 }
@@ -648,20 +673,23 @@ absl::Status LaunchPagedAttention(const PagedAttentionArgs& a, cudaStream_t stre
   p.q_tiles = static_cast<int>(CeilDiv(a.max_query_len, p.tile_tokens));
 
   // Split-K (decode only): enough CTAs for ~2 per SM, each split >= kMinSplitLen positions.
+  // The split boundaries are planned for the context rounded up to kSplitPlanBucket, the
+  // CUDA-graph context bucket: a step replayed from a graph (planned for the bucket) and
+  // the same step run eagerly (planned for its exact context) then add the same positions
+  // in the same order, so their outputs are bitwise equal (a different split changes the
+  // fp32 sums' rounding, which now and then flips a bf16 activation).
   int64_t splits = 1;
   const int64_t base_ctas = a.num_seqs * p.q_tiles * a.num_kv_heads * p.subgroups;
+  const int64_t plan_len = CeilDiv(a.max_context_len, kSplitPlanBucket) * kSplitPlanBucket;
   if (decode && a.workspace != nullptr) {
-    int device = 0, sms = 0;
-    QSHARD_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-    QSHARD_CUDA_RETURN_IF_ERROR(
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    QSHARD_ASSIGN_OR_RETURN(const int sms, CurrentDeviceSms());
     if (base_ctas < sms) {
-      splits = std::min(MaxSplitsFor(a.max_context_len), CeilDiv(2 * sms, base_ctas));
+      splits = std::min(MaxSplitsFor(plan_len), CeilDiv(2 * sms, base_ctas));
     }
   }
   int64_t split_len = CeilDiv(a.max_context_len, kTile) * kTile;
   if (splits > 1) {
-    split_len = CeilDiv(CeilDiv(a.max_context_len, splits), kTile) * kTile;
+    split_len = CeilDiv(CeilDiv(plan_len, splits), kTile) * kTile;
     splits = CeilDiv(a.max_context_len, split_len);
   }
   const int64_t ws_needed =
@@ -692,10 +720,10 @@ absl::Status LaunchPagedAttention(const PagedAttentionArgs& a, cudaStream_t stre
                   : LaunchAttentionKernel<kK, 128, 4>(p, grid, warps, stream);
   });
   if (!st.ok() || splits == 1) return st;
-  SplitCombineKernel<<<static_cast<unsigned>(a.num_tokens * a.num_heads),
-                       static_cast<unsigned>(a.head_dim), 0, stream>>>(
-      p.ws_acc, p.ws_ml, p.num_splits, a.num_tokens * a.num_heads,
-      static_cast<int>(a.head_dim), a.out, p.act_bf16);
+  (void)LaunchPdl(SplitCombineKernel, dim3(static_cast<unsigned>(a.num_tokens * a.num_heads)),
+                  dim3(static_cast<unsigned>(a.head_dim)), 0, stream, p.ws_acc, p.ws_ml,
+                  p.num_splits, a.num_tokens * a.num_heads, static_cast<int>(a.head_dim), a.out,
+                  p.act_bf16);
   QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }

@@ -48,6 +48,8 @@ template <typename T>
 __global__ void RopeKernel(T* q, T* k, int64_t T_tokens, int q_heads, int kv_heads, int half,
                            const int32_t* __restrict__ positions,
                            const float* __restrict__ inv_freq) {
+  PdlWait();  // launched with LaunchPdl: the inputs are ready after this (pdl.cuh)
+  PdlLaunchDependents();
   const int heads = q_heads + kv_heads;
   const int64_t total = T_tokens * heads * half;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
@@ -76,7 +78,8 @@ __global__ void RopeKernel(T* q, T* k, int64_t T_tokens, int q_heads, int kv_hea
 // No __restrict__ on gate / up / out: out may alias either input.
 template <typename T, int kVec>
 __global__ void SiluMulKernel(const T* gate, const T* up, T* out, int64_t num_vecs) {
-  PdlLaunchDependents();  // a linear after this may start fetching its weights (pdl.cuh)
+  PdlWait();  // launched with LaunchPdl: the inputs are ready after this (pdl.cuh)
+  PdlLaunchDependents();
   for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < num_vecs;
        v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const Pack<T, kVec> g = reinterpret_cast<const Pack<T, kVec>*>(gate)[v];
@@ -209,9 +212,10 @@ absl::Status LaunchRope(void* q, void* k, DType dtype, int64_t T, int64_t q_head
   if (total == 0) return absl::OkStatus();
   return DispatchAct(dtype, [&](auto tag) -> absl::Status {
     using E = typename decltype(tag)::type;
-    RopeKernel<E><<<GridFor(total), kThreads, 0, stream>>>(
-        static_cast<E*>(q), static_cast<E*>(k), T, static_cast<int>(q_heads),
-        static_cast<int>(kv_heads), static_cast<int>(head_dim / 2), positions, inv_freq);
+    (void)LaunchPdl(RopeKernel<E>, dim3(GridFor(total)), dim3(kThreads), 0, stream,
+                    static_cast<E*>(q), static_cast<E*>(k), T, static_cast<int>(q_heads),
+                    static_cast<int>(kv_heads), static_cast<int>(head_dim / 2), positions,
+                    inv_freq);
     QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
     return absl::OkStatus();
   });
@@ -227,11 +231,13 @@ absl::Status LaunchSiluMul(const void* gate, const void* up, void* out, DType dt
     using E = typename decltype(tag)::type;
     constexpr int kVec = 16 / sizeof(E);
     if (n % kVec == 0 && Aligned16(gate) && Aligned16(up) && Aligned16(out)) {
-      SiluMulKernel<E, kVec><<<GridFor(n / kVec), kThreads, 0, stream>>>(
-          static_cast<const E*>(gate), static_cast<const E*>(up), static_cast<E*>(out), n / kVec);
+      (void)LaunchPdl(SiluMulKernel<E, kVec>, dim3(GridFor(n / kVec)), dim3(kThreads), 0, stream,
+                      static_cast<const E*>(gate), static_cast<const E*>(up), static_cast<E*>(out),
+                      n / kVec);
     } else {
-      SiluMulKernel<E, 1><<<GridFor(n), kThreads, 0, stream>>>(
-          static_cast<const E*>(gate), static_cast<const E*>(up), static_cast<E*>(out), n);
+      (void)LaunchPdl(SiluMulKernel<E, 1>, dim3(GridFor(n)), dim3(kThreads), 0, stream,
+                      static_cast<const E*>(gate), static_cast<const E*>(up), static_cast<E*>(out),
+                      n);
     }
     QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
     return absl::OkStatus();

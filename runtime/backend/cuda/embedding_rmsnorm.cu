@@ -109,7 +109,8 @@ __global__ void EmbeddingKernel(const TableT* __restrict__ table, int64_t vocab,
 template <typename InT, typename OutT, int kVec>
 __global__ void RmsNormKernel(const InT* x, const float* __restrict__ weight, float eps, int d,
                               OutT* out) {
-  PdlLaunchDependents();  // a linear after this may start fetching its weights (pdl.cuh)
+  PdlWait();  // launched with LaunchPdl: the inputs are ready after this (pdl.cuh)
+  PdlLaunchDependents();
   const int64_t offset = static_cast<int64_t>(blockIdx.x) * d;
   const InT* x_row = x + offset;
   OutT* out_row = out + offset;
@@ -139,7 +140,8 @@ __global__ void RmsNormKernel(const InT* x, const float* __restrict__ weight, fl
 template <typename ResT, typename InT, typename OutT, int kVec>
 __global__ void AddRmsNormKernel(ResT* residual, const InT* x, const float* __restrict__ weight,
                                  float eps, int d, OutT* out) {
-  PdlLaunchDependents();  // a linear after this may start fetching its weights (pdl.cuh)
+  PdlWait();  // launched with LaunchPdl: the inputs are ready after this (pdl.cuh)
+  PdlLaunchDependents();
   const int64_t offset = static_cast<int64_t>(blockIdx.x) * d;
   ResT* res_row = residual + offset;
   const InT* x_row = x + offset;
@@ -286,12 +288,11 @@ absl::Status LaunchRmsNorm(const void* x, DType x_dtype, const void* weight, flo
       auto* o = static_cast<OutT*>(out);
       if (d % kVec == 0 && IsAligned(x, kVec * sizeof(InT)) &&
           IsAligned(weight, kVec * sizeof(float)) && IsAligned(out, kVec * sizeof(OutT))) {
-        RmsNormKernel<InT, OutT, kVec>
-            <<<static_cast<unsigned>(n), ThreadsFor(d / kVec), 0, stream>>>(xi, w, eps,
-                                                                            static_cast<int>(d), o);
+        (void)LaunchPdl(RmsNormKernel<InT, OutT, kVec>, dim3(static_cast<unsigned>(n)),
+                        dim3(ThreadsFor(d / kVec)), 0, stream, xi, w, eps, static_cast<int>(d), o);
       } else {
-        RmsNormKernel<InT, OutT, 1><<<static_cast<unsigned>(n), ThreadsFor(d), 0, stream>>>(
-            xi, w, eps, static_cast<int>(d), o);
+        (void)LaunchPdl(RmsNormKernel<InT, OutT, 1>, dim3(static_cast<unsigned>(n)),
+                        dim3(ThreadsFor(d)), 0, stream, xi, w, eps, static_cast<int>(d), o);
       }
       QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
       return absl::OkStatus();
@@ -325,13 +326,12 @@ absl::Status LaunchAddRmsNorm(void* residual, DType residual_dtype, const void* 
         if (d % kVec == 0 && IsAligned(residual, kVec * sizeof(ResT)) &&
             IsAligned(x, kVec * sizeof(InT)) && IsAligned(weight, kVec * sizeof(float)) &&
             IsAligned(out, kVec * sizeof(OutT))) {
-          AddRmsNormKernel<ResT, InT, OutT, kVec>
-              <<<static_cast<unsigned>(n), ThreadsFor(d / kVec), 0, stream>>>(
-                  r, xi, w, eps, static_cast<int>(d), o);
+          (void)LaunchPdl(AddRmsNormKernel<ResT, InT, OutT, kVec>, dim3(static_cast<unsigned>(n)),
+                          dim3(ThreadsFor(d / kVec)), 0, stream, r, xi, w, eps, static_cast<int>(d),
+                          o);
         } else {
-          AddRmsNormKernel<ResT, InT, OutT, 1>
-              <<<static_cast<unsigned>(n), ThreadsFor(d), 0, stream>>>(r, xi, w, eps,
-                                                                       static_cast<int>(d), o);
+          (void)LaunchPdl(AddRmsNormKernel<ResT, InT, OutT, 1>, dim3(static_cast<unsigned>(n)),
+                          dim3(ThreadsFor(d)), 0, stream, r, xi, w, eps, static_cast<int>(d), o);
         }
         QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
         return absl::OkStatus();

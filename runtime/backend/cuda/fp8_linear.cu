@@ -112,6 +112,7 @@ __global__ void __launch_bounds__(kQuantThreads)
                       uint8_t* __restrict__ codes, float* __restrict__ scales) {
   extern __shared__ __align__(16) unsigned char quant_smem[];
   __shared__ float warp_max[kQuantThreads / 32];
+  PdlWait();              // launched with LaunchPdl: x is ready after this (pdl.cuh)
   PdlLaunchDependents();  // the GEMV after this may start fetching its weights
   const int row = blockIdx.x;
   const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(row) * k);
@@ -500,9 +501,9 @@ absl::Status LaunchQuantizeActivations(const void* x, int64_t m, int64_t k, ActQ
   }
   const bool stage = k * 2 <= kQuantMaxStageBytes;
   const int threads = static_cast<int>(std::min<int64_t>(kQuantThreads, (k / 8 + 31) / 32 * 32));
-  QuantizeActKernel<<<static_cast<unsigned>(m), threads, stage ? k * 2 : 0, stream>>>(
-      static_cast<const bf16*>(x), static_cast<int>(k), kind, static_scale, stage,
-      static_cast<uint8_t*>(codes), scales);
+  (void)LaunchPdl(QuantizeActKernel, dim3(static_cast<unsigned>(m)), dim3(threads),
+                  stage ? k * 2 : 0, stream, static_cast<const bf16*>(x), static_cast<int>(k), kind,
+                  static_scale, stage, static_cast<uint8_t*>(codes), scales);
   QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
   return absl::OkStatus();
 }

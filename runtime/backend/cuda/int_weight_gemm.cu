@@ -518,10 +518,10 @@ struct LaunchArgs {
 
 template <int kBits, typename Shape>
 absl::Status LaunchGemm(const LaunchArgs& a, dim3 grid, cudaStream_t stream) {
-  QSHARD_CUDA_RETURN_IF_ERROR(LaunchPdl(
-      KernelFor<kBits, Shape>(), grid, dim3(kThreads), SmemFor<kBits, Shape>(), stream, a.x,
-      a.codes, a.scale_zero, a.kinfo, a.m, a.k, a.n, a.n_padded, a.ktiles_per_split, a.y,
-      a.y_is_bf16, a.vec_store, a.workspace, a.tile_counters));
+  QSHARD_CUDA_RETURN_IF_ERROR(LaunchPdl(KernelFor<kBits, Shape>(), grid, dim3(kThreads),
+                                        SmemFor<kBits, Shape>(), stream, a.x, a.codes, a.scale_zero,
+                                        a.kinfo, a.m, a.k, a.n, a.n_padded, a.ktiles_per_split, a.y,
+                                        a.y_is_bf16, a.vec_store, a.workspace, a.tile_counters));
   return absl::OkStatus();
 }
 

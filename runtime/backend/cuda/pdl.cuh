@@ -1,14 +1,17 @@
 // File: pdl.cuh
-// Programmatic dependent launch (compute capability 9.0+): a decode step is ~450 small
-// kernels, and each linear's weights, which do not depend on the kernel before it, can
-// start streaming toward L2 while that kernel finishes. The linear kernels are launched
-// with LaunchPdl; their blocks may then be scheduled as soon as every block of the previous
-// kernel has called PdlLaunchDependents (or exited). Before PdlWait such a kernel may only
-// read immutable data (its weights); PdlWait returns once the previous kernel has completed
-// and its memory writes are visible, so everything after it is ordered as usual.
+// Programmatic dependent launch (compute capability 9.0+). A decode step is ~450 small
+// kernels; with LaunchPdl a kernel's blocks may be scheduled as soon as every block of the
+// kernel before it has called PdlLaunchDependents (or exited), instead of after that kernel
+// has drained, which hides most of each launch's ramp-up. Such a kernel must call PdlWait
+// before it reads anything the kernel before it may write: PdlWait returns once that kernel
+// has completed and its memory writes are visible. The linear kernels (fp8/int8 GEMV, the
+// 4-bit/8-bit kernel) first pull their weights, which no kernel writes, toward L2.
 //
-// Kernels that come before a linear call PdlLaunchDependents early; both instructions are
-// no-ops for kernels launched without the attribute and on GPUs before sm_90.
+// Launched this way: RMSNorm (+ residual add), RoPE, KV write, paged attention and its
+// split combine, SiLU-and-mul, activation quantization, the linears. Every one calls
+// PdlWait then PdlLaunchDependents first; both instructions are no-ops for kernels
+// launched without the attribute and on GPUs before sm_90. cuBLASLt's kernels and the
+// embedding are launched normally (they then wait for full completion, as usual).
 #ifndef QSHARD_RUNTIME_BACKEND_CUDA_PDL_CUH_
 #define QSHARD_RUNTIME_BACKEND_CUDA_PDL_CUH_
 

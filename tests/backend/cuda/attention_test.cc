@@ -408,6 +408,25 @@ void CudaAttentionTest::RunCase(const AttnCase& c, uint32_t seed) {
   if (tensor_cores) tol.abs_weighted = std::ldexp(1.0, -8);  // bf16 P (file comment)
   ExpectClose(got, want, want_abs, T * H, D, H, tol,
               absl::StrCat(what, tensor_cores ? " tensor cores" : " CUDA cores"));
+
+  // 3) Decode: the same launch with max_context_len rounded up to the CUDA-graph context
+  // bucket (what a step replayed from a graph passes) must give the same bits: the split
+  // boundaries may not depend on it.
+  if (max_q == 1 && c.workspace) {
+    const size_t out_bytes = static_cast<size_t>(T * H * D) * DTypeSize(c.act);
+    auto d_out2 = PoisonedBytes(out_bytes, st);
+    ASSERT_TRUE(d_out2.ok());
+    PagedAttentionArgs b = a;
+    b.out = d_out2->get();
+    b.max_context_len = (max_ctx + 255) / 256 * 256;
+    ASSERT_EQ(PagedAttentionWorkspaceBytes(T, H, D, b.max_context_len), ws_bytes);
+    QSHARD_ASSERT_OK(LaunchPagedAttention(b, st));
+    std::vector<uint8_t> first(out_bytes), second(out_bytes);
+    QSHARD_ASSERT_OK(d_out->CopyToHost(first.data(), out_bytes, st));
+    QSHARD_ASSERT_OK(d_out2->CopyToHost(second.data(), out_bytes, st));
+    EXPECT_TRUE(first == second) << what << ": planned for context " << b.max_context_len
+                                 << " instead of " << max_ctx << ", the output differs";
+  }
 }
 
 std::vector<SeqSpec> Decode(std::initializer_list<int64_t> contexts) {
