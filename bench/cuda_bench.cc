@@ -14,13 +14,15 @@
 //   - one prefill of --prefill tokens, with the CUDA-core and the tensor-core prefill
 //     attention kernels;
 //   - the same decode steps with the tokens sampled on the GPU (greedy; only the ids come
-//     back, as the engine does with QSHARD_CUDA_SAMPLING=1), then also replayed from CUDA
-//     graphs (--no-graphs skips these two passes; a failure there is reported in the row
-//     and does not fail the run).
+//     back, as the engine does by default), then also replayed from CUDA graphs, with and
+//     without programmatic dependent launch (--no-graphs skips these passes; a failure
+//     there is reported in the row and does not fail the run);
+//   - --sweep-splits: all decoder linears at M = 1 and 16 for several K-split targets
+//     (blocks per SM) of the quantized kernels, printed under the format's row.
 //
 //   qshard_cuda_bench [--shape llama-3.1-8b] [--formats bf16,fp8,gptq-4bit,awq-4bit]
 //                     [--batches 1,8,32,64] [--context 256] [--steps 16] [--prefill 2048]
-//                     [--no-graphs] [--layers N]
+//                     [--no-graphs] [--layers N] [--sweep-splits]
 //
 // --profile M1,M2 instead runs each format's decoder linears of layer 0 once per M inside an
 // NVTX range named "linears" and exits, for a profiler to look at those kernels alone:
@@ -49,6 +51,8 @@
 #include "runtime/backend/cuda/cublaslt_linear.h"
 #include "runtime/backend/cuda/cuda_backend.h"
 #include "runtime/backend/cuda/cuda_context.h"
+#include "runtime/backend/cuda/fp8_linear.h"
+#include "runtime/backend/cuda/int_weight_gemm.h"
 #include "runtime/base/half.h"
 #include "runtime/base/status_macros.h"
 #include "runtime/model/llama_model.h"
@@ -137,6 +141,12 @@ struct FormatResult {
   // from graphs without programmatic dependent launch [2] (0: failed, see fast_error).
   std::map<int64_t, double> fast_tps[3];
   double linear_ms_no_pdl = 0;  // all decoder linears at M = 1 with QSHARD_CUDA_PDL=0
+  struct SweepPoint {
+    int blocks_per_sm;
+    int64_t m;
+    double ms;
+  };
+  std::vector<SweepPoint> sweep;  // --sweep-splits: all decoder linears per K-split target
   std::string fast_error;
   double prefill_tps = 0;
   double prefill_tc_tps = 0;  // with the tensor-core prefill attention (0: failed)
@@ -213,7 +223,7 @@ absl::Status ProfileLinears(const ModelConfig& shape, const std::string& format,
 
 absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
                        const std::vector<int64_t>& batches, int64_t context, int64_t steps,
-                       int64_t prefill, bool with_graphs, FormatResult& r) {
+                       int64_t prefill, bool with_graphs, bool sweep, FormatResult& r) {
   QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, CreateCudaBackend());
   auto t0 = Clock::now();
   QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model,
@@ -230,6 +240,23 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
 
   for (int64_t m : {1, 16}) {
     QSHARD_ASSIGN_OR_RETURN(r.linear_ms[m], TimeLinears(*model, m));
+  }
+  if (sweep) {  // the K-split target of the quantized linear kernels, at M = 1 and 16
+    const bool int_kernel = r.kernel.rfind("cuda-marlin", 0) == 0;
+    const bool gemv8 = r.kernel.find("gemv") != std::string::npos;
+    if (int_kernel || gemv8) {
+      const int saved = int_kernel ? cuda::IntGemmBlocksPerSm() : cuda::Gemv8BlocksPerSm();
+      for (int bps : {1, 2, 3, 4, 6, 8, 12}) {
+        if (int_kernel) cuda::SetIntGemmBlocksPerSm(bps);
+        if (gemv8) cuda::SetGemv8BlocksPerSm(bps);
+        for (int64_t m : {1, 16}) {
+          QSHARD_ASSIGN_OR_RETURN(const double ms, TimeLinears(*model, m));
+          r.sweep.push_back({bps, m, ms});
+        }
+      }
+      if (int_kernel) cuda::SetIntGemmBlocksPerSm(saved);
+      if (gemv8) cuda::SetGemv8BlocksPerSm(saved);
+    }
   }
   {  // the same without programmatic dependent launch, for the ratio
     const bool pdl = cuda::ProgrammaticLaunchEnabled();
@@ -366,6 +393,7 @@ int Main(int argc, char** argv) {
   std::vector<int64_t> batches = {1, 8, 32, 64};
   int64_t context = 256, steps = 16, prefill = 2048;
   bool graphs = true;
+  bool sweep = false;
   int64_t layers = 0;               // 0: the shape's
   std::vector<int64_t> profile_ms;  // --profile
   for (int i = 1; i < argc; ++i) {
@@ -384,12 +412,13 @@ int Main(int argc, char** argv) {
     else if (a == "--steps") steps = std::max<int64_t>(3, ParseInts(next()).at(0));
     else if (a == "--prefill") prefill = ParseInts(next()).at(0);
     else if (a == "--no-graphs") graphs = false;
+    else if (a == "--sweep-splits") sweep = true;
     else if (a == "--layers") layers = ParseInts(next()).at(0);
     else if (a == "--profile") profile_ms = ParseInts(next());
     else {
       std::fprintf(stderr,
                    "usage: qshard_cuda_bench [--shape NAME] [--formats a,b] [--batches 1,8] "
-                   "[--context N] [--steps N] [--prefill N] [--no-graphs] [--layers N] "
+                   "[--context N] [--steps N] [--prefill N] [--no-graphs] [--layers N] [--sweep-splits] "
                    "[--profile M1,M2]\n");
       return 2;
     }
@@ -462,7 +491,8 @@ int Main(int argc, char** argv) {
     FormatResult r;
     r.format = std::string(f);
     std::fprintf(stderr, "running %s ...\n", r.format.c_str());
-    absl::Status st = RunFormat(*shape, r.format, batches, context, steps, prefill, graphs, r);
+    absl::Status st =
+        RunFormat(*shape, r.format, batches, context, steps, prefill, graphs, sweep, r);
     if (!st.ok()) r.error = st.ToString();
     results.push_back(r);
     if (!r.error.empty()) {
@@ -488,6 +518,10 @@ int Main(int argc, char** argv) {
       std::printf(" %.0f%% | %.3f |", 100.0 * g1 / roof, r.linear_ms_no_pdl);
     }
     std::printf("\n");
+    for (const auto& pt : r.sweep) {
+      std::printf("  sweep %s: %d blocks/SM target, M=%lld: all linears %.3f ms\n",
+                  r.format.c_str(), pt.blocks_per_sm, static_cast<long long>(pt.m), pt.ms);
+    }
     if (!r.fast_error.empty()) {
       std::printf("  (an opt-in path failed: %s)\n", r.fast_error.c_str());
     }

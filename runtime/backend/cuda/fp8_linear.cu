@@ -46,6 +46,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -508,13 +509,22 @@ absl::Status LaunchQuantizeActivations(const void* x, int64_t m, int64_t k, ActQ
   return absl::OkStatus();
 }
 
+namespace {
+std::atomic<int> g_gemv8_blocks_per_sm{4};
+}  // namespace
+
+void SetGemv8BlocksPerSm(int blocks) {
+  g_gemv8_blocks_per_sm.store(std::clamp(blocks, 1, 64), std::memory_order_relaxed);
+}
+int Gemv8BlocksPerSm() { return g_gemv8_blocks_per_sm.load(std::memory_order_relaxed); }
+
 Gemv8Plan PlanGemv8(Quant8Mode mode, int64_t n, int64_t k, int sms) {
   const int64_t max_ks = IsW8A16(mode) ? 1024 : 2048;  // 16 x (ks * elem + 16) B = 33 KB smem
   const int64_t k_round = (k + kStepBytes - 1) / kStepBytes * kStepBytes;
   const int64_t blocks_n = (n + kColsPerBlock - 1) / kColsPerBlock;
   const int64_t s_min = (k_round + max_ks - 1) / max_ks;
   const int64_t s_max = k_round / kStepBytes;
-  const int64_t target_blocks = 4 * static_cast<int64_t>(std::max(sms, 1));
+  const int64_t target_blocks = Gemv8BlocksPerSm() * static_cast<int64_t>(std::max(sms, 1));
   const int64_t s_want = (target_blocks + blocks_n - 1) / blocks_n;
   const int64_t s = std::clamp(s_want, s_min, s_max);
   Gemv8Plan plan;

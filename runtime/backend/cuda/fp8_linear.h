@@ -95,6 +95,9 @@ struct Gemv8Plan {
   int64_t k_per_split = 0;
 };
 Gemv8Plan PlanGemv8(Quant8Mode mode, int64_t n, int64_t k, int sms);
+// The blocks per SM PlanGemv8 aims for (default 4; process-wide, for benchmark sweeps).
+void SetGemv8BlocksPerSm(int blocks);
+int Gemv8BlocksPerSm();
 
 absl::Status LaunchGemv8(const Gemv8Args& args, cudaStream_t stream);
 

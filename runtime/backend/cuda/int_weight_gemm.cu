@@ -39,6 +39,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -531,6 +532,15 @@ int ElementwiseBlocks(int64_t total) {
 
 }  // namespace
 
+namespace {
+std::atomic<int> g_int_gemm_blocks_per_sm{3};
+}  // namespace
+
+void SetIntGemmBlocksPerSm(int blocks) {
+  g_int_gemm_blocks_per_sm.store(std::clamp(blocks, 1, 64), std::memory_order_relaxed);
+}
+int IntGemmBlocksPerSm() { return g_int_gemm_blocks_per_sm.load(std::memory_order_relaxed); }
+
 absl::StatusOr<std::unique_ptr<IntWeightGemm>> IntWeightGemm::Create(const IntQuantMatrix& m,
                                                                      cudaStream_t stream) {
   if (m.in_features > (int64_t{1} << 30) || m.out_features > (int64_t{1} << 30)) {
@@ -620,7 +630,8 @@ absl::Status IntWeightGemm::Run(const void* x, int64_t m, void* y, DType y_dtype
   // Split K when the output tiles alone leave SMs idle: aim for ~3 blocks per SM, keeping
   // at least 4 K tiles per block so the pipeline has something to overlap.
   const int64_t blocks = m_tiles * n_tiles;
-  const int64_t target = 3 * static_cast<int64_t>(std::max(multiprocessors_, 1));
+  const int64_t target =
+      IntGemmBlocksPerSm() * static_cast<int64_t>(std::max(multiprocessors_, 1));
   int64_t splits = 1;
   if (blocks < target) {
     splits = std::min<int64_t>((target + blocks - 1) / blocks, std::max<int64_t>(1, k_tiles / 4));

@@ -119,6 +119,11 @@ PackedCodeIndex PackedCodeLocation(int64_t n, int64_t p, int64_t k, int bits);
 // The code stored for (n, sorted position p); the inverse of the repack (for tests).
 uint32_t PackedCodeAt(const PackedIntWeights& packed, int64_t n, int64_t p);
 
+// The blocks per SM the K split aims for when the output tiles alone are fewer (default 3;
+// process-wide, for benchmark sweeps).
+void SetIntGemmBlocksPerSm(int blocks);
+int IntGemmBlocksPerSm();
+
 class IntWeightGemm {
  public:
   // Validates and repacks `m` on the host, uploads it synchronously on `stream`.
