@@ -6,8 +6,9 @@
 //   - the dense bf16 tensor-core rate: cuBLASLt on an 8192^3 GEMM.
 // Per weight format it times (medians, after a warm-up):
 //   - all decoder linears of every layer at M = 1 and 16 rows (the set the anchors
-//     time: 32 layers x q, k, v, o, gate, up, down for Llama-3.1-8B), as ms and the weight
-//     bytes streamed per second;
+//     time: 32 layers x q, k, v, o, gate, up, down for Llama-3.1-8B, here as the model runs
+//     them: q|k|v and gate|up fused, see ModelLoadOptions::fuse_projections), as ms and the
+//     weight bytes streamed per second (--unfused-baseline: also separate, see below);
 //   - decode steps at each batch size (one token per sequence per step, context
 //     --context tokens; the logits of every sequence come back to the host each step, as
 //     the engine needs them for sampling);
@@ -22,10 +23,18 @@
 //
 //   qshard_cuda_bench [--shape llama-3.1-8b] [--formats bf16,fp8,gptq-4bit,awq-4bit]
 //                     [--batches 1,8,32,64] [--context 256] [--steps 16] [--prefill 2048]
-//                     [--no-graphs] [--layers N] [--sweep-splits]
+//                     [--no-graphs] [--layers N] [--sweep-splits] [--unfused-baseline]
+//
+// --unfused-baseline adds a row per format for the same random weights loaded with separate
+// q/k/v and gate/up Linears (ModelLoadOptions::fuse_projections = false; a second model,
+// built after the fused one is freed), measured in the same run: linears at M = 1 and 16 and
+// decode at the first batch size (host logits and, unless --no-graphs, gpu-sample and
+// +graphs), then a line with the speedups of fusion (fused over unfused, > 1: fused faster).
 //
 // --profile M1,M2 instead runs each format's decoder linears of layer 0 once per M inside an
-// NVTX range named "linears" and exits, for a profiler to look at those kernels alone:
+// NVTX range named "linears" and exits, for a profiler to look at those kernels alone (as the
+// model runs them: q|k|v, o, gate|up, down; with --unfused-baseline also the separate
+// q, k, v, o, gate, up, down in a range "linears-unfused"):
 //   ncu --nvtx --nvtx-include "linears/" qshard_cuda_bench --formats fp8 --layers 1 --profile 1
 // (scripts/device-check.sh does this when ncu is there).
 #include <cuda_runtime_api.h>
@@ -41,10 +50,12 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "kv/model_shapes.h"
 #include "runtime/backend/cuda/attention.h"
@@ -153,17 +164,31 @@ struct FormatResult {
   std::string error;
 };
 
+// The widest input and output of layer `layer`'s decoder linears, or of every layer's with
+// layer < 0 (fused ones are up to 2I wide).
+std::pair<int64_t, int64_t> WidestLinear(const LlamaModel& model, int layer) {
+  int64_t widest_in = 1, widest_out = 1;
+  const int first = layer < 0 ? 0 : layer;
+  const int last = layer < 0 ? static_cast<int>(model.config().num_layers) - 1 : layer;
+  for (int l = first; l <= last; ++l) {
+    for (const LinearOp* op : model.DecoderLinears(l)) {
+      widest_in = std::max(widest_in, op->in_features());
+      widest_out = std::max(widest_out, op->out_features());
+    }
+  }
+  return {widest_in, widest_out};
+}
+
 // All decoder linears of every layer at M rows, median ms of 10 passes.
 absl::StatusOr<double> TimeLinears(LlamaModel& model, int64_t m) {
   Backend& b = model.backend();
   StepMetadata empty;
   QSHARD_RETURN_IF_ERROR(b.BeginStep(empty));  // rewinds the step arena
   const ModelConfig& c = model.config();
-  const int64_t widest = std::max({c.hidden_size, c.intermediate_size,
-                                   c.num_heads * c.head_dim});
-  Tensor x = b.Allocate(m, widest);
-  Tensor y = b.Allocate(m, 2 * widest);
-  QSHARD_RETURN_IF_ERROR(FillRandomBf16(x.raw(), m * widest, 7));
+  const auto [widest_in, widest_out] = WidestLinear(model, -1);
+  Tensor x = b.Allocate(m, widest_in);
+  Tensor y = b.Allocate(m, widest_out);
+  QSHARD_RETURN_IF_ERROR(FillRandomBf16(x.raw(), m * widest_in, 7));
   std::vector<double> times;
   for (int rep = 0; rep < 12; ++rep) {
     BENCH_CUDA(cudaDeviceSynchronize());
@@ -185,27 +210,28 @@ absl::StatusOr<double> TimeLinears(LlamaModel& model, int64_t m) {
   return Median(times) * 1e3;
 }
 
-// Layer 0's decoder linears once at each M, inside the NVTX range "linears" (--profile).
+// Layer 0's decoder linears once at each M, inside the NVTX range `range` (--profile).
 absl::Status ProfileLinears(const ModelConfig& shape, const std::string& format,
-                            const std::vector<int64_t>& ms) {
+                            const std::vector<int64_t>& ms, const ModelLoadOptions& load,
+                            const char* range) {
   QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, CreateCudaBackend());
   QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model,
-                          LlamaModel::CreateDummy(shape, format, backend.get(), 1234));
+                          LlamaModel::CreateDummy(shape, format, backend.get(), 1234, load));
   Backend& b = *backend;
-  const ModelConfig& c = model->config();
-  const int64_t widest = std::max({c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim});
+  const auto [widest_in, widest_out] = WidestLinear(*model, 0);
   for (int pass = 0; pass < 2; ++pass) {  // pass 0 warms up (cuBLASLt plans, scratch)
     for (int64_t m : ms) {
       StepMetadata empty;
       QSHARD_RETURN_IF_ERROR(b.BeginStep(empty));
-      Tensor x = b.Allocate(m, widest);
-      Tensor y = b.Allocate(m, 2 * widest);
-      QSHARD_RETURN_IF_ERROR(FillRandomBf16(x.raw(), m * widest, 7));
+      Tensor x = b.Allocate(m, widest_in);
+      Tensor y = b.Allocate(m, widest_out);
+      QSHARD_RETURN_IF_ERROR(FillRandomBf16(x.raw(), m * widest_in, 7));
       BENCH_CUDA(cudaDeviceSynchronize());
-      if (pass == 1) nvtxRangePushA("linears");
+      if (pass == 1) nvtxRangePushA(range);
       for (const LinearOp* op : model->DecoderLinears(0)) {
-        std::printf("M=%lld %s [%lld x %lld] %s\n", static_cast<long long>(m),
-                    format.c_str(), static_cast<long long>(op->out_features()),
+        std::printf("M=%lld %s%s [%lld x %lld] %s\n", static_cast<long long>(m), format.c_str(),
+                    load.fuse_projections ? "" : " (unfused)",
+                    static_cast<long long>(op->out_features()),
                     static_cast<long long>(op->in_features()), op->kernel_name().c_str());
         Tensor xin(x.dtype(), {m, op->in_features()}, x.raw(), nullptr, Device::kCuda);
         Tensor yout(y.dtype(), {m, op->out_features()}, y.raw(), nullptr, Device::kCuda);
@@ -221,15 +247,18 @@ absl::Status ProfileLinears(const ModelConfig& shape, const std::string& format,
   return absl::OkStatus();
 }
 
+// One format's measurements with the projections fused or not as `load` says; prefill 0
+// skips the prefill (the unfused baseline).
 absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
-                       const std::vector<int64_t>& batches, int64_t context, int64_t steps,
-                       int64_t prefill, bool with_graphs, bool sweep, FormatResult& r) {
+                       const ModelLoadOptions& load, const std::vector<int64_t>& batches,
+                       int64_t context, int64_t steps, int64_t prefill, bool with_graphs,
+                       bool sweep, FormatResult& r) {
   QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, CreateCudaBackend());
   auto t0 = Clock::now();
   QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model,
-                          LlamaModel::CreateDummy(shape, format, backend.get(), 1234));
-  std::fprintf(stderr, "  %s: random weights built and uploaded in %.1f s\n", format.c_str(),
-               Seconds(t0));
+                          LlamaModel::CreateDummy(shape, format, backend.get(), 1234, load));
+  std::fprintf(stderr, "  %s%s: random weights built and uploaded in %.1f s\n", format.c_str(),
+               load.fuse_projections ? "" : " (unfused)", Seconds(t0));
   r.kernel = model->weight_summary().linear_kernel;
   for (int64_t l = 0; l < shape.num_layers; ++l) {
     for (const LinearOp* op : model->DecoderLinears(static_cast<int>(l))) {
@@ -345,7 +374,7 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
     cuda::SetProgrammaticLaunch(pdl);
   }
 
-  {
+  if (prefill > 0) {
     std::vector<int32_t> ids(prefill);
     for (int64_t i = 0; i < prefill; ++i) ids[i] = token(i);
     std::vector<int32_t> table((prefill + bs - 1) / bs);
@@ -392,8 +421,7 @@ int Main(int argc, char** argv) {
   std::string formats = "bf16,fp8,gptq-4bit,awq-4bit";
   std::vector<int64_t> batches = {1, 8, 32, 64};
   int64_t context = 256, steps = 16, prefill = 2048;
-  bool graphs = true;
-  bool sweep = false;
+  bool graphs = true, unfused_baseline = false, sweep = false;
   int64_t layers = 0;               // 0: the shape's
   std::vector<int64_t> profile_ms;  // --profile
   for (int i = 1; i < argc; ++i) {
@@ -415,11 +443,13 @@ int Main(int argc, char** argv) {
     else if (a == "--sweep-splits") sweep = true;
     else if (a == "--layers") layers = ParseInts(next()).at(0);
     else if (a == "--profile") profile_ms = ParseInts(next());
+    else if (a == "--unfused-baseline")
+      unfused_baseline = true;
     else {
       std::fprintf(stderr,
                    "usage: qshard_cuda_bench [--shape NAME] [--formats a,b] [--batches 1,8] "
-                   "[--context N] [--steps N] [--prefill N] [--no-graphs] [--layers N] [--sweep-splits] "
-                   "[--profile M1,M2]\n");
+                   "[--context N] [--steps N] [--prefill N] [--no-graphs] [--layers N] "
+                   "[--sweep-splits] [--profile M1,M2] [--unfused-baseline]\n");
       return 2;
     }
   }
@@ -432,8 +462,14 @@ int Main(int argc, char** argv) {
   if (layers > 0) shape->num_layers = layers;
   if (!profile_ms.empty()) {
     int rc = 0;
+    ModelLoadOptions unfused;
+    unfused.fuse_projections = false;
     for (absl::string_view f : absl::StrSplit(formats, ',', absl::SkipEmpty())) {
-      absl::Status st = ProfileLinears(*shape, std::string(f), profile_ms);
+      absl::Status st =
+          ProfileLinears(*shape, std::string(f), profile_ms, ModelLoadOptions(), "linears");
+      if (st.ok() && unfused_baseline) {
+        st = ProfileLinears(*shape, std::string(f), profile_ms, unfused, "linears-unfused");
+      }
       if (!st.ok()) {
         std::fprintf(stderr, "%s: %s\n", std::string(f).c_str(), st.ToString().c_str());
         rc = 1;
@@ -486,32 +522,35 @@ int Main(int argc, char** argv) {
   }
   std::printf("\n");
   std::fflush(stdout);
-  std::vector<FormatResult> results;
-  for (absl::string_view f : absl::StrSplit(formats, ',', absl::SkipEmpty())) {
-    FormatResult r;
-    r.format = std::string(f);
-    std::fprintf(stderr, "running %s ...\n", r.format.c_str());
-    absl::Status st =
-        RunFormat(*shape, r.format, batches, context, steps, prefill, graphs, sweep, r);
-    if (!st.ok()) r.error = st.ToString();
-    results.push_back(r);
-    if (!r.error.empty()) {
-      std::printf("| %s | FAILED: %s |\n", r.format.c_str(), r.error.c_str());
-      std::fflush(stdout);
-      continue;
-    }
+  ModelLoadOptions unfused_load;
+  unfused_load.fuse_projections = false;
+  const std::vector<int64_t> first_batch = {batches.front()};
+  const double lm_head_bytes = 2.0 * shape->vocab_size * shape->hidden_size;
+  // One table row; batches (and the prefill) that were not measured show "-".
+  auto print_row = [&](const FormatResult& r, const std::string& label) {
     const double roof = *bw / r.linear_bytes;
-    const double lin_bytes = r.linear_bytes - 2.0 * shape->vocab_size * shape->hidden_size;
-    std::printf("| %s | %s | %.2f | %.0f | %.3f (%.2f) | %.3f (%.2f) |", r.format.c_str(),
+    const double lin_bytes = r.linear_bytes - lm_head_bytes;
+    auto cell = [](const std::map<int64_t, double>& tps, int64_t B) {
+      if (tps.count(B)) {
+        std::printf(" %.1f |", tps.at(B));
+      } else {
+        std::printf(" - |");
+      }
+    };
+    std::printf("| %s | %s | %.2f | %.0f | %.3f (%.2f) | %.3f (%.2f) |", label.c_str(),
                 r.kernel.c_str(), r.linear_bytes / 1e9, roof, r.linear_ms.at(1),
                 lin_bytes / (r.linear_ms.at(1) * 1e-3) / 1e12, r.linear_ms.at(16),
                 lin_bytes / (r.linear_ms.at(16) * 1e-3) / 1e12);
-    for (int64_t B : batches) std::printf(" %.1f |", r.decode_tps.at(B));
-    std::printf(" %.0f%% | %.0f | %.0f |", 100.0 * r.decode_tps.at(batches.front()) / roof,
-                r.prefill_tps, r.prefill_tc_tps);
+    for (int64_t B : batches) cell(r.decode_tps, B);
+    std::printf(" %.0f%% |", 100.0 * r.decode_tps.at(batches.front()) / roof);
+    if (r.prefill_tps > 0) {
+      std::printf(" %.0f | %.0f |", r.prefill_tps, r.prefill_tc_tps);
+    } else {
+      std::printf(" - | - |");
+    }
     if (graphs) {
       for (const auto& tps : r.fast_tps) {
-        for (int64_t B : batches) std::printf(" %.1f |", tps.count(B) ? tps.at(B) : 0.0);
+        for (int64_t B : batches) cell(tps, B);
       }
       const auto& g = r.fast_tps[1];
       const double g1 = g.count(batches.front()) ? g.at(batches.front()) : 0.0;
@@ -525,6 +564,61 @@ int Main(int argc, char** argv) {
     if (!r.fast_error.empty()) {
       std::printf("  (an opt-in path failed: %s)\n", r.fast_error.c_str());
     }
+    std::fflush(stdout);
+  };
+  std::vector<FormatResult> results;
+  for (absl::string_view f : absl::StrSplit(formats, ',', absl::SkipEmpty())) {
+    FormatResult r;
+    r.format = std::string(f);
+    std::fprintf(stderr, "running %s ...\n", r.format.c_str());
+    absl::Status st = RunFormat(*shape, r.format, ModelLoadOptions(), batches, context, steps,
+                                prefill, graphs, sweep, r);
+    if (!st.ok()) r.error = st.ToString();
+    results.push_back(r);
+    if (!r.error.empty()) {
+      std::printf("| %s | FAILED: %s |\n", r.format.c_str(), r.error.c_str());
+      std::fflush(stdout);
+      continue;
+    }
+    print_row(r, r.format);
+    if (!unfused_baseline) continue;
+
+    // The same weights with separate q/k/v and gate/up Linears (the fused model is freed
+    // by now): linears and decode at the first batch size, no prefill. A failure here is
+    // reported and does not fail the run.
+    FormatResult u;
+    u.format = r.format;
+    const std::string label = r.format + " (unfused)";
+    std::fprintf(stderr, "running %s ...\n", label.c_str());
+    st = RunFormat(*shape, u.format, unfused_load, first_batch, context, steps, /*prefill=*/0,
+                   graphs, /*sweep=*/false, u);
+    if (!st.ok()) {
+      std::printf("| %s | FAILED: %s |\n", label.c_str(), st.ToString().c_str());
+      std::fflush(stdout);
+      continue;
+    }
+    print_row(u, label);
+    // Speedups of fusion, > 1: the fused model is faster.
+    const int64_t B0 = batches.front();
+    auto ratio = [](double num, double den) -> std::string {
+      return num > 0 && den > 0 ? absl::StrFormat("%.3fx", num / den) : "n/a";
+    };
+    // Linears: unfused ms / fused ms; decode: fused tok/s / unfused tok/s.
+    std::string line = absl::StrFormat(
+        "  %s fusion speedup (fused vs unfused, same run; >1: fused faster): linears M=1 "
+        "%.3f vs %.3f ms %s, M=16 %s; decode b%lld %.1f vs %.1f tok/s %s",
+        r.format, r.linear_ms.at(1), u.linear_ms.at(1), ratio(u.linear_ms.at(1), r.linear_ms.at(1)),
+        ratio(u.linear_ms.at(16), r.linear_ms.at(16)), static_cast<long long>(B0),
+        r.decode_tps.at(B0), u.decode_tps.at(B0), ratio(r.decode_tps.at(B0), u.decode_tps.at(B0)));
+    if (graphs) {
+      auto at = [B0](const std::map<int64_t, double>& tps) {
+        return tps.count(B0) ? tps.at(B0) : 0.0;
+      };
+      absl::StrAppendFormat(&line, ", gpu-sample %s, +graphs %s",
+                            ratio(at(r.fast_tps[0]), at(u.fast_tps[0])),
+                            ratio(at(r.fast_tps[1]), at(u.fast_tps[1])));
+    }
+    std::printf("%s\n", line.c_str());
     std::fflush(stdout);
   }
   bool failed = false;

@@ -153,6 +153,14 @@ class Backend {
                          float scale, Tensor& out) = 0;
   // out[T, F] = silu(gate) * up.
   virtual void SiluMul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
+  // The output of a fused gate|up Linear: gate_up [T, 2F] holds gate [T, F] in columns
+  // [0, F) and up in [F, 2F) of each row; out [T, F] = silu(gate) * up with SiluMul's
+  // arithmetic (fp32, rounded once to out's dtype). out must not overlap gate_up.
+  virtual void SiluMulPacked(const Tensor& gate_up, Tensor& out) = 0;
+  // The output of a fused q|k|v Linear split into its parts: x [T, sum(C_i)] ->
+  // outs[i] [T, C_i] = x[:, c_i : c_i + C_i] with c_i = C_0 + ... + C_(i-1). Every out has
+  // x's dtype and row count and its own memory (no overlap with x or each other).
+  virtual void SplitColumns(const Tensor& x, absl::Span<Tensor* const> outs) = 0;
   // x += y.
   virtual void Add(Tensor& x, const Tensor& y) = 0;
   // Rows of src selected by host indices: out[i] = src[rows[i]].

@@ -8,11 +8,26 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <map>
+#include <mutex>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
 
 namespace qshard {
+namespace {
+
+// Address ranges [begin, end) of the live mappings, keyed by begin, for ReleaseMappedPages.
+std::mutex& MappingsMutex() {
+  static std::mutex* m = new std::mutex();
+  return *m;
+}
+std::map<uintptr_t, uintptr_t>& Mappings() {
+  static auto* m = new std::map<uintptr_t, uintptr_t>();
+  return *m;
+}
+
+}  // namespace
 
 absl::StatusOr<std::shared_ptr<MappedFile>> MappedFile::Open(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -36,13 +51,42 @@ absl::StatusOr<std::shared_ptr<MappedFile>> MappedFile::Open(const std::string& 
       return absl::InternalError(absl::StrCat("mmap of '", path, "' failed: ", std::strerror(err)));
     }
     data = static_cast<const uint8_t*>(p);
+    std::lock_guard<std::mutex> lock(MappingsMutex());
+    Mappings()[reinterpret_cast<uintptr_t>(p)] = reinterpret_cast<uintptr_t>(p) + size;
   }
   ::close(fd);
   return std::shared_ptr<MappedFile>(new MappedFile(path, data, size));
 }
 
 MappedFile::~MappedFile() {
-  if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
+  if (data_ == nullptr) return;
+  {
+    std::lock_guard<std::mutex> lock(MappingsMutex());
+    Mappings().erase(reinterpret_cast<uintptr_t>(data_));
+  }
+  ::munmap(const_cast<uint8_t*>(data_), size_);
+}
+
+bool ReleaseMappedPages(const void* data, size_t bytes) {
+  if (data == nullptr || bytes == 0) return false;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t last = first + bytes;
+  {
+    std::lock_guard<std::mutex> lock(MappingsMutex());
+    const auto& m = Mappings();
+    auto it = m.upper_bound(first);  // the first mapping starting after `first`
+    if (it == m.begin()) return false;
+    --it;
+    if (last > it->second) return false;  // not (entirely) inside one mapping
+  }
+#ifdef MADV_PAGEOUT
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (first + page - 1) / page * page;
+  const uintptr_t end = last / page * page;
+  // MADV_PAGEOUT keeps the contents: clean file pages are re-read when touched again.
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_PAGEOUT);
+#endif
+  return true;
 }
 
 absl::StatusOr<std::string> ReadTextFile(const std::string& path) {

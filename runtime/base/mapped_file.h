@@ -31,6 +31,15 @@ class MappedFile {
   size_t size_;
 };
 
+// Asks the kernel to drop this process's resident pages of [data, data + bytes) when the
+// range lies inside a live MappedFile: checkpoint tensors that were copied elsewhere
+// (repacked, concatenated, uploaded) and are not read again. Any other memory (heap,
+// anonymous) is left alone: paging it out would only cost swap writes. Only whole pages
+// inside the range are dropped; the contents stay valid (clean file pages are read back
+// from the file if touched again), so this is safe whoever still references the tensor.
+// Returns whether the range lies inside a live mapping.
+bool ReleaseMappedPages(const void* data, size_t bytes);
+
 // Reads a whole (small) text file; the error names the path.
 absl::StatusOr<std::string> ReadTextFile(const std::string& path);
 

@@ -4,6 +4,10 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "runtime/base/half.h"
@@ -39,6 +43,12 @@ std::vector<float> ToFloatVector(const Tensor& t) {
       break;
   }
   return out;
+}
+
+void ReleaseFreedHostMemory() {
+#if defined(__GLIBC__)
+  malloc_trim(0);
+#endif
 }
 
 Tensor Tensor::Empty(DType dtype, Shape shape, bool zero) {

@@ -28,6 +28,12 @@ class Tensor;
 // The elements of a host bf16 / f16 / f32 tensor as fp32 (other dtypes: empty vector).
 std::vector<float> ToFloatVector(const Tensor& t);
 
+// Returns the pages of freed host tensors to the OS. glibc keeps freed blocks inside its
+// heap (resident) unless they sit at its top; after a load that frees many large temporary
+// tensors between long-lived ones (weights built, concatenated or repacked, then dropped),
+// those holes would stay in the resident set. Cheap; a no-op without glibc.
+void ReleaseFreedHostMemory();
+
 class Tensor {
  public:
   Tensor() = default;

@@ -85,6 +85,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   }
   ModelLoadOptions load;
   load.weight_only_activations = options.weight_only_activations;
+  load.fuse_projections = options.fuse_projections;
   if (e->kernel_choice_.quantize_at_load) {
     load.online_quantization =
         e->kernel_choice_.method == "fp8" ? QuantMethod::kFp8 : QuantMethod::kInt8;

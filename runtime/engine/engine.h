@@ -52,6 +52,9 @@ struct EngineOptions {
   bool weight_only_activations = false;
   // Reuse the K/V of full blocks whose token prefix was seen before.
   bool enable_prefix_caching = true;
+  // One fused Linear for q|k|v and one for gate|up per layer where the checkpoint's
+  // formats allow it (ModelLoadOptions::fuse_projections).
+  bool fuse_projections = true;
 };
 
 enum class FinishReason { kNone, kStop, kLength, kAbort, kError };

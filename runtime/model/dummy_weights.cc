@@ -113,6 +113,12 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::CreateDummy(const ModelC
                                                                     const std::string& format,
                                                                     Backend* backend,
                                                                     uint64_t seed) {
+  return CreateDummy(shape, format, backend, seed, ModelLoadOptions());
+}
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::CreateDummy(
+    const ModelConfig& shape, const std::string& format, Backend* backend, uint64_t seed,
+    const ModelLoadOptions& options) {
   const std::vector<std::string> formats = DummyFormats();
   if (std::find(formats.begin(), formats.end(), format) == formats.end()) {
     return absl::InvalidArgumentError(absl::StrCat("unknown dummy weight format '", format,
@@ -128,11 +134,11 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::CreateDummy(const ModelC
   if (format == "fp16") config.dtype = DType::kF16;
   std::unique_ptr<LlamaModel> model(new LlamaModel(config, backend));
   model->quant_ = DummyQuantConfig(format);
-  QSHARD_RETURN_IF_ERROR(model->BuildDummyWeights(format, seed));
+  QSHARD_RETURN_IF_ERROR(model->BuildDummyWeights(format, seed, options.fuse_projections));
   return model;
 }
 
-absl::Status LlamaModel::BuildDummyWeights(const std::string& format, uint64_t seed) {
+absl::Status LlamaModel::BuildDummyWeights(const std::string& format, uint64_t seed, bool fuse) {
   const ModelConfig& c = config_;
   const QuantizationConfig& qc = quant_;
   const int64_t H = c.hidden_size, I = c.intermediate_size, D = c.head_dim;
@@ -175,9 +181,9 @@ absl::Status LlamaModel::BuildDummyWeights(const std::string& format, uint64_t s
     account_as(t, "", true);
     return backend_->UploadWeight(t);
   };
-  // One decoder Linear in the format, through the backend's PrepareLinear.
-  auto linear = [&](const std::string& name, int64_t out, int64_t in,
-                    bool has_bias) -> absl::StatusOr<std::unique_ptr<LinearOp>> {
+  // One decoder Linear in the format (host tensors, accounted), not yet prepared.
+  auto linear_weights = [&](const std::string& name, int64_t out, int64_t in,
+                            bool has_bias) -> absl::StatusOr<LinearWeights> {
     LinearWeights w;
     w.name = name;
     w.in_features = in;
@@ -229,7 +235,27 @@ absl::Status LlamaModel::BuildDummyWeights(const std::string& format, uint64_t s
       summary_.num_parameters += in * out;
     }
     if (has_bias) w.bias = random_dense({out}, DType::kBF16, kWeightStd);
+    return w;
+  };
+  // ... through the backend's PrepareLinear.
+  auto linear = [&](const std::string& name, int64_t out, int64_t in,
+                    bool has_bias) -> absl::StatusOr<std::unique_ptr<LinearOp>> {
+    QSHARD_ASSIGN_OR_RETURN(LinearWeights w, linear_weights(name, out, in, has_bias));
     return backend_->PrepareLinear(w);
+  };
+  // Linears sharing an input, drawn in the same order (so with the same values) as
+  // separate ones, fused when asked and the format allows.
+  FusionStats qkv_stats, gate_up_stats;
+  auto projections = [&](const std::string& prefix, const std::string& fused_name,
+                         std::vector<std::pair<std::string, int64_t>> names_out, int64_t in,
+                         bool has_bias, FusionStats* stats, std::unique_ptr<LinearOp>* fused,
+                         std::vector<std::unique_ptr<LinearOp>*> separate) -> absl::Status {
+    std::vector<LinearWeights> parts;
+    for (const auto& [name, out] : names_out) {
+      QSHARD_ASSIGN_OR_RETURN(LinearWeights w, linear_weights(prefix + name, out, in, has_bias));
+      parts.push_back(std::move(w));
+    }
+    return PrepareProjections(std::move(parts), prefix + fused_name, fuse, stats, fused, separate);
   };
 
   // Embedding rows N(0, 1): RMSNorm rescales them anyway, and a unit residual keeps the
@@ -243,12 +269,13 @@ absl::Status LlamaModel::BuildDummyWeights(const std::string& format, uint64_t s
     QSHARD_ASSIGN_OR_RETURN(L.input_norm, ones(H));
     QSHARD_ASSIGN_OR_RETURN(L.post_norm, ones(H));
     const bool ab = c.attention_bias, mb = c.mlp_bias;
-    QSHARD_ASSIGN_OR_RETURN(L.q_proj, linear(p + "self_attn.q_proj", q_out, H, ab));
-    QSHARD_ASSIGN_OR_RETURN(L.k_proj, linear(p + "self_attn.k_proj", kv_out, H, ab));
-    QSHARD_ASSIGN_OR_RETURN(L.v_proj, linear(p + "self_attn.v_proj", kv_out, H, ab));
+    QSHARD_RETURN_IF_ERROR(projections(
+        p + "self_attn.", "qkv_proj", {{"q_proj", q_out}, {"k_proj", kv_out}, {"v_proj", kv_out}},
+        H, ab, &qkv_stats, &L.qkv_proj, {&L.q_proj, &L.k_proj, &L.v_proj}));
     QSHARD_ASSIGN_OR_RETURN(L.o_proj, linear(p + "self_attn.o_proj", H, q_out, ab));
-    QSHARD_ASSIGN_OR_RETURN(L.gate_proj, linear(p + "mlp.gate_proj", I, H, mb));
-    QSHARD_ASSIGN_OR_RETURN(L.up_proj, linear(p + "mlp.up_proj", I, H, mb));
+    QSHARD_RETURN_IF_ERROR(projections(p + "mlp.", "gate_up_proj",
+                                       {{"gate_proj", I}, {"up_proj", I}}, H, mb, &gate_up_stats,
+                                       &L.gate_up_proj, {&L.gate_proj, &L.up_proj}));
     QSHARD_ASSIGN_OR_RETURN(L.down_proj, linear(p + "mlp.down_proj", H, I, mb));
   }
   QSHARD_ASSIGN_OR_RETURN(final_norm_, ones(H));
@@ -264,9 +291,14 @@ absl::Status LlamaModel::BuildDummyWeights(const std::string& format, uint64_t s
   }
   QSHARD_ASSIGN_OR_RETURN(lm_head_, backend_->PrepareLinear(head));
   scratch = std::vector<float>();
-  summary_.linear_kernel = layers_.empty() ? lm_head_->kernel_name()
-                                           : layers_[0].q_proj->kernel_name();
+  summary_.linear_kernel = layers_.empty()       ? lm_head_->kernel_name()
+                           : layers_[0].qkv_proj ? layers_[0].qkv_proj->kernel_name()
+                                                 : layers_[0].q_proj->kernel_name();
   summary_.lm_head_kernel = lm_head_->kernel_name();
+  LogFusion(qkv_stats, gate_up_stats);
+  // The parts of fused Linears (and the quantizers' temporaries) were freed layer by layer
+  // between kept weights.
+  ReleaseFreedHostMemory();
   QSHARD_LOG(INFO) << "dummy weights: " << format << " (" << qc.Describe() << "), "
                    << summary_.total_bytes / (1 << 20) << " MiB; linear kernel "
                    << summary_.linear_kernel << ", lm_head " << summary_.lm_head_kernel;

@@ -7,9 +7,11 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "quant/concat_weights.h"
 #include "quant/quantize_weights.h"
 #include "runtime/base/half.h"
 #include "runtime/base/log.h"
+#include "runtime/base/mapped_file.h"
 #include "runtime/base/status_macros.h"
 
 namespace qshard {
@@ -273,9 +275,9 @@ absl::Status LlamaModel::LoadWeights(const Checkpoint& ckpt, const ModelLoadOpti
     summary_.num_parameters += w.in_features * w.out_features;
     return absl::OkStatus();
   };
-  auto take_linear_impl = [&](const std::string& prefix, int64_t out, int64_t in,
-                              bool has_bias, bool optional_quant)
-      -> absl::StatusOr<std::unique_ptr<LinearOp>> {
+  // The checkpoint tensors of one Linear (accounted in the summary), not yet prepared.
+  auto take_linear_weights = [&](const std::string& prefix, int64_t out, int64_t in, bool has_bias,
+                                 bool optional_quant) -> absl::StatusOr<LinearWeights> {
     LinearWeights w;
     w.name = prefix;
     w.in_features = in;
@@ -305,11 +307,32 @@ absl::Status LlamaModel::LoadWeights(const Checkpoint& ckpt, const ModelLoadOpti
       QSHARD_ASSIGN_OR_RETURN(w.bias, bind.Take(prefix + ".bias", {out}));
       account(w.bias);
     }
+    return w;
+  };
+  auto take_linear_impl = [&](const std::string& prefix, int64_t out, int64_t in, bool has_bias,
+                              bool optional_quant) -> absl::StatusOr<std::unique_ptr<LinearOp>> {
+    QSHARD_ASSIGN_OR_RETURN(LinearWeights w,
+                            take_linear_weights(prefix, out, in, has_bias, optional_quant));
     return backend_->PrepareLinear(w);
   };
   auto take_linear = [&](const std::string& prefix, int64_t out, int64_t in,
                          bool has_bias) -> absl::StatusOr<std::unique_ptr<LinearOp>> {
     return take_linear_impl(prefix, out, in, has_bias, /*optional_quant=*/false);
+  };
+  // Linears sharing an input, fused when options.fuse_projections and the format allow.
+  FusionStats qkv_stats, gate_up_stats;
+  auto take_projections = [&](const std::string& prefix, const std::string& fused_name,
+                              std::vector<std::pair<std::string, int64_t>> names_out, int64_t in,
+                              bool has_bias, FusionStats* stats, std::unique_ptr<LinearOp>* fused,
+                              std::vector<std::unique_ptr<LinearOp>*> separate) -> absl::Status {
+    std::vector<LinearWeights> parts;
+    for (const auto& [name, out] : names_out) {
+      QSHARD_ASSIGN_OR_RETURN(LinearWeights w,
+                              take_linear_weights(prefix + name, out, in, has_bias, false));
+      parts.push_back(std::move(w));
+    }
+    return PrepareProjections(std::move(parts), prefix + fused_name, options.fuse_projections,
+                              stats, fused, separate);
   };
 
   QSHARD_ASSIGN_OR_RETURN(Tensor embed, bind.Take("model.embed_tokens.weight", {c.vocab_size, H}));
@@ -321,12 +344,13 @@ absl::Status LlamaModel::LoadWeights(const Checkpoint& ckpt, const ModelLoadOpti
     Layer& L = layers_[l];
     QSHARD_ASSIGN_OR_RETURN(L.input_norm, take_vector(p + "input_layernorm.weight", H));
     QSHARD_ASSIGN_OR_RETURN(L.post_norm, take_vector(p + "post_attention_layernorm.weight", H));
-    QSHARD_ASSIGN_OR_RETURN(L.q_proj, take_linear(p + "self_attn.q_proj", q_out, H, c.attention_bias));
-    QSHARD_ASSIGN_OR_RETURN(L.k_proj, take_linear(p + "self_attn.k_proj", kv_out, H, c.attention_bias));
-    QSHARD_ASSIGN_OR_RETURN(L.v_proj, take_linear(p + "self_attn.v_proj", kv_out, H, c.attention_bias));
+    QSHARD_RETURN_IF_ERROR(take_projections(
+        p + "self_attn.", "qkv_proj", {{"q_proj", q_out}, {"k_proj", kv_out}, {"v_proj", kv_out}},
+        H, c.attention_bias, &qkv_stats, &L.qkv_proj, {&L.q_proj, &L.k_proj, &L.v_proj}));
     QSHARD_ASSIGN_OR_RETURN(L.o_proj, take_linear(p + "self_attn.o_proj", H, q_out, c.attention_bias));
-    QSHARD_ASSIGN_OR_RETURN(L.gate_proj, take_linear(p + "mlp.gate_proj", I, H, c.mlp_bias));
-    QSHARD_ASSIGN_OR_RETURN(L.up_proj, take_linear(p + "mlp.up_proj", I, H, c.mlp_bias));
+    QSHARD_RETURN_IF_ERROR(
+        take_projections(p + "mlp.", "gate_up_proj", {{"gate_proj", I}, {"up_proj", I}}, H,
+                         c.mlp_bias, &gate_up_stats, &L.gate_up_proj, {&L.gate_proj, &L.up_proj}));
     QSHARD_ASSIGN_OR_RETURN(L.down_proj, take_linear(p + "mlp.down_proj", H, I, c.mlp_bias));
     // fp8 KV cache scales, under any of the names checkpoints use for them.
     float scales[2] = {0.0f, 0.0f};
@@ -394,14 +418,88 @@ absl::Status LlamaModel::LoadWeights(const Checkpoint& ckpt, const ModelLoadOpti
                               " (quantized at load)");
     summary_.quantization = quant_.Describe();
   }
-  summary_.linear_kernel = layers_.empty() ? lm_head_->kernel_name() : layers_[0].q_proj->kernel_name();
+  summary_.linear_kernel = layers_.empty()       ? lm_head_->kernel_name()
+                           : layers_[0].qkv_proj ? layers_[0].qkv_proj->kernel_name()
+                                                 : layers_[0].q_proj->kernel_name();
   summary_.lm_head_kernel = lm_head_->kernel_name();
+  LogFusion(qkv_stats, gate_up_stats);
+  // Concatenated and unpacked weights were freed layer by layer between kept ones.
+  ReleaseFreedHostMemory();
   if (qc.quantized()) {
     QSHARD_LOG(INFO) << "quantization: " << qc.Describe() << " (from " << qc.source
                      << "); linear kernel " << summary_.linear_kernel << ", lm_head "
                      << summary_.lm_head_kernel;
   }
   return absl::OkStatus();
+}
+
+absl::Status LlamaModel::PrepareProjections(std::vector<LinearWeights> parts,
+                                            std::string fused_name, bool fuse, FusionStats* stats,
+                                            std::unique_ptr<LinearOp>* fused,
+                                            absl::Span<std::unique_ptr<LinearOp>* const> separate) {
+  if (fuse) {
+    std::vector<const LinearWeights*> ptrs;
+    for (const LinearWeights& w : parts) ptrs.push_back(&w);
+    absl::Status why;
+    {
+      // The concatenated host tensors live only in this scope: once prepared, the op holds
+      // what it needs (a device copy, a repacked copy, or on the CPU a reference that keeps
+      // them alive in place of the parts').
+      absl::StatusOr<LinearWeights> cat = ConcatLinearWeights(ptrs, fused_name);
+      if (cat.ok()) {
+        absl::StatusOr<std::unique_ptr<LinearOp>> op = backend_->PrepareLinear(*cat);
+        if (op.ok()) {
+          *fused = std::move(op).value();
+          ++stats->fused;
+        } else {
+          why = op.status();
+        }
+      } else {
+        why = cat.status();
+      }
+    }
+    if (why.ok()) {
+      // The parts were copied into the fused tensors and are not read again: drop their
+      // checkpoint pages, or free them when they were built in memory (dummy weights,
+      // quantization at load), so resident memory holds the weights once, not twice. Freed
+      // parts leave holes in the heap between kept weights; returning them to the OS every
+      // 64 MiB bounds what the load holds on top (each return costs page faults later, so
+      // not after every layer).
+      for (const LinearWeights& w : parts) {
+        for (const Tensor* t :
+             {&w.weight, &w.qweight, &w.qzeros, &w.scales, &w.g_idx, &w.weight_scale, &w.bias}) {
+          if (!t->empty() && !ReleaseMappedPages(t->raw(), t->nbytes())) {
+            freed_at_load_ += static_cast<int64_t>(t->nbytes());
+          }
+        }
+      }
+      parts.clear();
+      if (freed_at_load_ >= (int64_t{64} << 20)) {
+        ReleaseFreedHostMemory();
+        freed_at_load_ = 0;
+      }
+      return absl::OkStatus();
+    }
+    ++stats->separate;
+    if (stats->first_reason.empty()) {
+      stats->first_reason = absl::StrCat(fused_name, ": ", why.message());
+    }
+  }
+  for (size_t i = 0; i < parts.size(); ++i) {
+    QSHARD_ASSIGN_OR_RETURN(*separate[i], backend_->PrepareLinear(parts[i]));
+  }
+  return absl::OkStatus();
+}
+
+void LlamaModel::LogFusion(const FusionStats& qkv, const FusionStats& gate_up) const {
+  const std::pair<const char*, const FusionStats*> kinds[] = {{"q|k|v", &qkv},
+                                                              {"gate|up", &gate_up}};
+  for (const auto& [what, st] : kinds) {
+    if (st->separate == 0) continue;
+    QSHARD_LOG(INFO) << "fused projections: " << what << " kept as separate linears in "
+                     << st->separate << " of " << st->fused + st->separate
+                     << " layers; first refusal: " << st->first_reason;
+  }
 }
 
 absl::Status LlamaModel::ApplyKvScales(bool calculate) {
@@ -518,7 +616,28 @@ absl::StatusOr<Tensor> LlamaModel::ForwardLogits(absl::Span<const SequenceChunk>
   Tensor attn = b.Allocate(T, c.num_heads * D);       // [T, heads*D]
   Tensor delta = b.Allocate(T, H);                    // [T, H] block output to add
   Tensor gate = b.Allocate(T, I);                     // [T, I]
-  Tensor up = b.Allocate(T, I);                       // [T, I]
+  // Outputs of the fused Linears (and `up` for separate ones), only what some layer uses.
+  // qkv is consumed by SplitColumns before gate_up is written, so the two share one buffer:
+  // a fused step allocates no more than a separate one (on the CPU every new buffer costs
+  // page faults).
+  bool any_fused = false, any_separate_gate_up = false;
+  for (const Layer& L : layers_) {
+    any_fused |= L.qkv_proj != nullptr || L.gate_up_proj != nullptr;
+    any_separate_gate_up |= L.gate_up_proj == nullptr;
+  }
+  const int64_t qkv_cols = (c.num_heads + 2 * c.num_kv_heads) * D;
+  Tensor qkv, gate_up, up;
+  if (any_fused) {
+    Tensor fused_out = b.Allocate(T, std::max(qkv_cols, 2 * I));
+    auto view = [&](int64_t cols) {  // the first T * cols elements as [T, cols]
+      return Tensor(fused_out.dtype(), {T, cols}, fused_out.raw(), fused_out.owner(),
+                    fused_out.device());
+    };
+    qkv = view(qkv_cols);   // [T, q|k|v]
+    gate_up = view(2 * I);  // [T, 2I] = [gate | up] per row
+  }
+  if (any_separate_gate_up) up = b.Allocate(T, I);  // [T, I]
+  Tensor* qkv_parts[] = {&q, &k, &v};
 
   // Calibration passes of the offline quantizer observe the linear inputs.
   const auto& observe = hooks_.on_linear_input;
@@ -535,18 +654,28 @@ absl::StatusOr<Tensor> LlamaModel::ForwardLogits(absl::Span<const SequenceChunk>
       b.AddRmsNorm(residual, delta, L.input_norm, eps, h);  // adds the previous MLP output
     }
     observed(l, LinearSlot::kQkv, h);
-    b.Linear(h, *L.q_proj, q);
-    b.Linear(h, *L.k_proj, k);
-    b.Linear(h, *L.v_proj, v);
+    if (L.qkv_proj != nullptr) {
+      b.Linear(h, *L.qkv_proj, qkv);
+      b.SplitColumns(qkv, qkv_parts);
+    } else {
+      b.Linear(h, *L.q_proj, q);
+      b.Linear(h, *L.k_proj, k);
+      b.Linear(h, *L.v_proj, v);
+    }
     b.Rope(q, k, D, c.rope);
     b.Attention(static_cast<int>(l), q, k, v, c.num_heads, c.num_kv_heads, D, scale, attn);
     observed(l, LinearSlot::kO, attn);
     b.Linear(attn, *L.o_proj, delta);
     b.AddRmsNorm(residual, delta, L.post_norm, eps, h);
     observed(l, LinearSlot::kGateUp, h);
-    b.Linear(h, *L.gate_proj, gate);
-    b.Linear(h, *L.up_proj, up);
-    b.SiluMul(gate, up, gate);
+    if (L.gate_up_proj != nullptr) {
+      b.Linear(h, *L.gate_up_proj, gate_up);
+      b.SiluMulPacked(gate_up, gate);
+    } else {
+      b.Linear(h, *L.gate_proj, gate);
+      b.Linear(h, *L.up_proj, up);
+      b.SiluMul(gate, up, gate);
+    }
     observed(l, LinearSlot::kDown, gate);
     b.Linear(gate, *L.down_proj, delta);
     if (hooks_.stop_after_layer == l) return Tensor();
@@ -576,6 +705,15 @@ absl::Status LlamaModel::ReplaceLinear(int layer, const std::string& proj,
         absl::StrCat("ReplaceLinear: layer ", layer, " not in [0, ", layers_.size(), ")"));
   }
   Layer& L = layers_[layer];
+  const bool in_qkv = proj == "q_proj" || proj == "k_proj" || proj == "v_proj";
+  const bool in_gate_up = proj == "gate_proj" || proj == "up_proj";
+  if ((in_qkv && L.qkv_proj != nullptr) || (in_gate_up && L.gate_up_proj != nullptr)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("ReplaceLinear: layer ", layer, " ", proj, " is part of the fused ",
+                     in_qkv ? "qkv_proj" : "gate_up_proj",
+                     " Linear; load the model with ModelLoadOptions::fuse_projections = false to "
+                     "replace its parts one by one"));
+  }
   std::unique_ptr<LinearOp>* slot = nullptr;
   if (proj == "q_proj") slot = &L.q_proj;
   if (proj == "k_proj") slot = &L.k_proj;
@@ -602,8 +740,30 @@ absl::Status LlamaModel::ReplaceLinear(int layer, const std::string& proj,
 std::vector<const LinearOp*> LlamaModel::DecoderLinears(int layer) const {
   if (layer < 0 || layer >= static_cast<int>(layers_.size())) return {};
   const Layer& L = layers_[layer];
-  return {L.q_proj.get(),    L.k_proj.get(),  L.v_proj.get(),   L.o_proj.get(),
-          L.gate_proj.get(), L.up_proj.get(), L.down_proj.get()};
+  std::vector<const LinearOp*> out;
+  if (L.qkv_proj != nullptr) {
+    out.push_back(L.qkv_proj.get());
+  } else {
+    out.insert(out.end(), {L.q_proj.get(), L.k_proj.get(), L.v_proj.get()});
+  }
+  out.push_back(L.o_proj.get());
+  if (L.gate_up_proj != nullptr) {
+    out.push_back(L.gate_up_proj.get());
+  } else {
+    out.insert(out.end(), {L.gate_proj.get(), L.up_proj.get()});
+  }
+  out.push_back(L.down_proj.get());
+  return out;
+}
+
+bool LlamaModel::qkv_fused(int layer) const {
+  return layer >= 0 && layer < static_cast<int>(layers_.size()) &&
+         layers_[layer].qkv_proj != nullptr;
+}
+
+bool LlamaModel::gate_up_fused(int layer) const {
+  return layer >= 0 && layer < static_cast<int>(layers_.size()) &&
+         layers_[layer].gate_up_proj != nullptr;
 }
 
 absl::Status LlamaModel::ReplaceNorms(int layer, const Tensor& input_norm,

@@ -65,6 +65,12 @@ struct ModelLoadOptions {
   // both with dynamic per-token activation quantization (unless weight_only_activations).
   // The lm_head and the embedding stay 16-bit. Only for unquantized checkpoints.
   QuantMethod online_quantization = QuantMethod::kNone;
+  // Fuse q_proj | k_proj | v_proj into one Linear [heads*D + 2*kv_heads*D, H] and
+  // gate_proj | up_proj into one [2I, H] per layer (ConcatLinearWeights on the checkpoint's
+  // tensors): one GEMM instead of three / two per block. A layer whose parts cannot be
+  // concatenated (formats, scales or packing differ) keeps them separate and the load logs
+  // why. false: always separate (what the offline quantizer needs to replace each one).
+  bool fuse_projections = true;
 };
 
 // The four distinct inputs of a decoder layer's linears (what a quantizer calibrates on).
@@ -111,6 +117,11 @@ class LlamaModel {
                                                                  const std::string& format,
                                                                  Backend* backend,
                                                                  uint64_t seed);
+  // Same; of the options only fuse_projections applies (the format fixes the rest).
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> CreateDummy(const ModelConfig& shape,
+                                                                 const std::string& format,
+                                                                 Backend* backend, uint64_t seed,
+                                                                 const ModelLoadOptions& options);
   // The formats CreateDummy accepts, in a stable order.
   static std::vector<std::string> DummyFormats();
 
@@ -142,11 +153,17 @@ class LlamaModel {
   void SetCalibrationHooks(CalibrationHooks hooks) { hooks_ = std::move(hooks); }
   // Replaces one decoder linear ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
   // "up_proj", "down_proj") of `layer` by an op prepared on this model's backend, e.g. its
-  // quantized version; the shape must match.
+  // quantized version; the shape must match. FailedPrecondition for a projection that was
+  // fused at load (load with ModelLoadOptions::fuse_projections = false to replace it).
   absl::Status ReplaceLinear(int layer, const std::string& proj, std::unique_ptr<LinearOp> op);
-  // The decoder linears of `layer` in forward order (q, k, v, o, gate, up, down), for
-  // benchmarks that time the linear kernels alone. Empty when layer is out of range.
+  // The decoder linears of `layer` in forward order, as they run: q|k|v fused or q, k, v;
+  // o; gate|up fused or gate, up; down. For benchmarks that time the linear kernels alone
+  // and count the weight bytes they stream (a fused op holds the bytes of its parts). Empty
+  // when layer is out of range.
   std::vector<const LinearOp*> DecoderLinears(int layer) const;
+  // Whether `layer` runs fused q|k|v and gate|up Linears (false when out of range).
+  bool qkv_fused(int layer) const;
+  bool gate_up_fused(int layer) const;
   // Replaces the RMSNorm weights of a layer (AWQ folds its scales into them): host [H].
   absl::Status ReplaceNorms(int layer, const Tensor& input_norm, const Tensor& post_norm);
 
@@ -154,18 +171,39 @@ class LlamaModel {
   struct Layer {
     Tensor input_norm;   // [H]
     Tensor post_norm;    // [H]
+    // Either qkv_proj, or q_proj + k_proj + v_proj.
+    std::unique_ptr<LinearOp> qkv_proj;  // [(heads + 2*kv_heads)*D, H]: rows q, then k, v
     std::unique_ptr<LinearOp> q_proj;    // [heads*D, H]
     std::unique_ptr<LinearOp> k_proj;    // [kv_heads*D, H]
     std::unique_ptr<LinearOp> v_proj;    // [kv_heads*D, H]
     std::unique_ptr<LinearOp> o_proj;    // [H, heads*D]
+    // Either gate_up_proj, or gate_proj + up_proj.
+    std::unique_ptr<LinearOp> gate_up_proj;  // [2I, H]: rows gate, then up
     std::unique_ptr<LinearOp> gate_proj; // [I, H]
     std::unique_ptr<LinearOp> up_proj;   // [I, H]
     std::unique_ptr<LinearOp> down_proj; // [H, I]
   };
 
+  // How many layers got a fused Linear and why the first that did not was refused.
+  struct FusionStats {
+    int fused = 0;
+    int separate = 0;
+    std::string first_reason;
+  };
+
   LlamaModel(ModelConfig config, Backend* backend) : config_(std::move(config)), backend_(backend) {}
   absl::Status LoadWeights(const Checkpoint& ckpt, const ModelLoadOptions& options);
-  absl::Status BuildDummyWeights(const std::string& format, uint64_t seed);
+  absl::Status BuildDummyWeights(const std::string& format, uint64_t seed, bool fuse);
+  // Prepares the Linears `parts` that read one input (q, k, v or gate, up). With fuse, they
+  // are concatenated along N (ConcatLinearWeights) and prepared as one Linear into *fused;
+  // the parts are then dropped (checkpoint pages released, host-built ones freed) since the
+  // fused copy replaces them. When the concatenation or its preparation is refused, or
+  // without fuse, each part is prepared into *separate[i] as before. stats counts the outcome.
+  absl::Status PrepareProjections(std::vector<LinearWeights> parts, std::string fused_name,
+                                  bool fuse, FusionStats* stats, std::unique_ptr<LinearOp>* fused,
+                                  absl::Span<std::unique_ptr<LinearOp>* const> separate);
+  // One INFO line per kind of fusion that some layer could not use.
+  void LogFusion(const FusionStats& qkv, const FusionStats& gate_up) const;
 
   ModelConfig config_;
   QuantizationConfig quant_;
@@ -178,6 +216,9 @@ class LlamaModel {
   StepMetadata meta_;                 // reused across steps
   std::vector<std::pair<float, float>> ckpt_kv_scales_;  // [layers] or empty
   CalibrationHooks hooks_;
+  // Load only: bytes of host-built fused parts freed since memory was last returned to the
+  // OS (PrepareProjections).
+  int64_t freed_at_load_ = 0;
 };
 
 }  // namespace qshard

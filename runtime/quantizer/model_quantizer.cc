@@ -536,7 +536,11 @@ absl::StatusOr<QuantizeReport> Quantizer::Run() {
   QSHARD_ASSIGN_OR_RETURN(Checkpoint ckpt, Checkpoint::Open(o_.model_dir));
   ckpt_ = std::make_unique<Checkpoint>(std::move(ckpt));
   QSHARD_ASSIGN_OR_RETURN(backend_, CreateBackend("cpu"));
-  QSHARD_ASSIGN_OR_RETURN(model_, LlamaModel::Load(o_.model_dir, config_, backend_.get()));
+  // Layers are quantized one Linear at a time (ReplaceLinear of q_proj, k_proj, ...): keep
+  // q/k/v and gate/up as separate Linears.
+  ModelLoadOptions load;
+  load.fuse_projections = false;
+  QSHARD_ASSIGN_OR_RETURN(model_, LlamaModel::Load(o_.model_dir, config_, backend_.get(), load));
   QSHARD_ASSIGN_OR_RETURN(tokenizer_, LoadTokenizer(o_.model_dir));
   // fp8 with calibration text: GPTQ's error feedback on the e4m3 grid; without, RTN (the
   // same codes as --quantization fp8 at load).

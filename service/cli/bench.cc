@@ -1,6 +1,9 @@
 // `qshard bench`: prefill and decode throughput of the model forward, printed as a table
 // next to two baselines measured in the same run: the portable scalar kernels, and the
 // weight-streaming roofline (measured memory read bandwidth / bytes of weights per step).
+// --fusion-ab-rounds N adds a third: the same model loaded with the other
+// --fuse-projections setting (separate q/k/v and gate/up Linears, or fused ones), both
+// resident and run alternately N times each.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -183,8 +186,10 @@ BuildDummyModel(const EngineOptions& options, const std::string& shape_name,
                 const std::vector<int64_t>& batches, int64_t decode_steps) {
   QSHARD_ASSIGN_OR_RETURN(ModelConfig shape, ModelShapeByName(shape_name));
   QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, CreateBackend(options.device));
+  ModelLoadOptions load;
+  load.fuse_projections = options.fuse_projections;
   QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model,
-                          LlamaModel::CreateDummy(shape, format, backend.get(), seed));
+                          LlamaModel::CreateDummy(shape, format, backend.get(), seed, load));
   if (options.block_size <= 0 || options.block_size > 1024) {
     return absl::InvalidArgumentError(
         absl::StrCat("--block-size must be in [1, 1024], got ", options.block_size));
@@ -209,6 +214,26 @@ BuildDummyModel(const EngineOptions& options, const std::string& shape_name,
   return std::make_pair(std::move(backend), std::move(model));
 }
 
+// "q|k|v 22/22, gate|up 22/22": layers running each fused Linear.
+std::string FusionSummary(const LlamaModel& model) {
+  const int layers = static_cast<int>(model.config().num_layers);
+  int qkv = 0, gate_up = 0;
+  for (int l = 0; l < layers; ++l) {
+    qkv += model.qkv_fused(l) ? 1 : 0;
+    gate_up += model.gate_up_fused(l) ? 1 : 0;
+  }
+  return absl::StrFormat("q|k|v %d/%d, gate|up %d/%d layers", qkv, layers, gate_up, layers);
+}
+
+// The best of each benchmark over several runs.
+void KeepBest(const BenchResult& r, BenchResult& best) {
+  best.prefill_tps = std::max(best.prefill_tps, r.prefill_tps);
+  best.decode_tps.resize(std::max(best.decode_tps.size(), r.decode_tps.size()), 0.0);
+  for (size_t i = 0; i < r.decode_tps.size(); ++i) {
+    best.decode_tps[i] = std::max(best.decode_tps[i], r.decode_tps[i]);
+  }
+}
+
 }  // namespace
 
 int BenchMain(int argc, char** argv) {
@@ -221,6 +246,7 @@ int BenchMain(int argc, char** argv) {
   ef.model_required = false;  // checked below: not needed with --load-format dummy
   ef.Register(flags, /*with_batching=*/false);
   int64_t prefill_tokens = 256, decode_steps = 32, repeats = 3, seed = 0;
+  int64_t ab_rounds = 0;
   std::string batches_text = "1,8";
   std::string load_format = "auto", shape_name, dummy_format = "bf16";
   bool scalar_baseline = true;
@@ -240,6 +266,10 @@ int BenchMain(int argc, char** argv) {
                   absl::StrCat("weight format for --load-format dummy: ",
                                absl::StrJoin(LlamaModel::DummyFormats(), ", ")));
   flags.AddInt("seed", &seed, "random seed of the dummy weights");
+  flags.AddInt("fusion-ab-rounds", &ab_rounds,
+               "N > 0: also load the model with the other --fuse-projections setting, run "
+               "the two alternately N times each after the main table, and print the best of "
+               "each with the fused / separate ratio");
   if (absl::Status st = flags.Parse(argc, argv); !st.ok()) return ReportFlagError("bench", st);
   const bool dummy = load_format == "dummy";
   if (!dummy && load_format != "auto") {
@@ -256,6 +286,9 @@ int BenchMain(int argc, char** argv) {
     return ReportFlagError("bench", absl::InvalidArgumentError(
                                         "missing required flag --model for qshard bench (or "
                                         "--load-format dummy --shape NAME; see --help)"));
+  }
+  if (ab_rounds < 0) {
+    return ReportFlagError("bench", absl::InvalidArgumentError("--fusion-ab-rounds must be >= 0"));
   }
   if (prefill_tokens < 1 || decode_steps < 1 || repeats < 1) {
     return ReportFlagError("bench", absl::InvalidArgumentError(
@@ -357,6 +390,7 @@ int BenchMain(int argc, char** argv) {
   }
   std::printf("quantization: %s   linear kernel: %s   lm_head: %s\n",
               ws.quantization.c_str(), ws.linear_kernel.c_str(), ws.lm_head_kernel.c_str());
+  std::printf("fused projections: %s\n", FusionSummary(*model).c_str());
   std::printf("weights: %.1f MiB (%.1f MiB streamed per decode step)   load: %.1f s\n",
               weight_bytes / 1048576.0, streamed_bytes / 1048576.0, load_seconds);
   std::printf("resident memory: %.1f MiB after load, %.1f MiB peak   measured read bandwidth: "
@@ -391,6 +425,60 @@ int BenchMain(int argc, char** argv) {
                 "(%.1fx; prefix caching %s)\n",
                 static_cast<long long>(prefill_tokens), ttft.first * 1e3, ttft.second * 1e3,
                 ttft.first / ttft.second, options->enable_prefix_caching ? "on" : "off");
+  }
+
+  if (ab_rounds > 0) {
+    // The same weights loaded with the other fusion setting; both models stay resident and
+    // run alternately (the other one first in each round), so drift of the machine hits
+    // both alike.
+    EngineOptions other_options = *options;
+    other_options.fuse_projections = !options->fuse_projections;
+    std::unique_ptr<Engine> other_engine;
+    std::unique_ptr<Backend> other_backend;
+    std::unique_ptr<LlamaModel> other_dummy;
+    LlamaModel* other = nullptr;
+    if (dummy) {
+      auto built =
+          BuildDummyModel(other_options, shape_name, dummy_format, static_cast<uint64_t>(seed),
+                          prefill_tokens, batches, decode_steps);
+      if (!built.ok()) return ReportFlagError("bench", built.status());
+      other_backend = std::move(built->first);
+      other_dummy = std::move(built->second);
+      other = other_dummy.get();
+    } else {
+      auto created = Engine::Create(other_options);
+      if (!created.ok()) return ReportFlagError("bench", created.status());
+      other_engine = std::move(*created);
+      other = &other_engine->model();
+    }
+    LlamaModel* fused = options->fuse_projections ? model : other;
+    LlamaModel* separate = options->fuse_projections ? other : model;
+    BenchResult best_fused, best_separate;
+    for (int64_t round = 0; round < ab_rounds; ++round) {
+      for (LlamaModel* m : {other, model}) {
+        auto r = RunBench(*m, prefill_tokens, batches, decode_steps, repeats);
+        if (!r.ok()) return ReportFlagError("bench", r.status());
+        KeepBest(*r, m == fused ? best_fused : best_separate);
+      }
+    }
+    std::printf(
+        "\nfused (%s) vs separate Linears (%s), same run, %s model loaded first: "
+        "best of %lld runs each, alternating\n",
+        FusionSummary(*fused).c_str(), FusionSummary(*separate).c_str(),
+        options->fuse_projections ? "fused" : "separate", static_cast<long long>(ab_rounds));
+    std::printf("| %-22s | %12s | %14s | %16s |\n", "benchmark", "fused tok/s", "separate tok/s",
+                "fused / separate");
+    std::printf("|------------------------|--------------|----------------|------------------|\n");
+    auto ab_row = [&](const std::string& name, double f, double s) {
+      std::printf("| %-22s | %12.1f | %14.1f | %15.3fx |\n", name.c_str(), f, s,
+                  s > 0 ? f / s : 0.0);
+    };
+    ab_row(absl::StrFormat("prefill %lld tokens", static_cast<long long>(prefill_tokens)),
+           best_fused.prefill_tps, best_separate.prefill_tps);
+    for (size_t i = 0; i < batches.size(); ++i) {
+      ab_row(absl::StrFormat("decode batch %lld", static_cast<long long>(batches[i])),
+             best_fused.decode_tps[i], best_separate.decode_tps[i]);
+    }
   }
   return 0;
 }

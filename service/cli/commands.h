@@ -27,6 +27,7 @@ struct EngineFlags {
   bool calculate_kv_scales = false;
   std::string quantization = "auto";
   bool weight_only_activations = false;
+  bool fuse_projections = true;
   double gpu_memory_utilization = 0.9;
   std::string log_level = "info";
   // Whether Register marks --model required (bench: not with --load-format dummy).

@@ -31,6 +31,9 @@ void EngineFlags::Register(FlagSet& flags, bool with_batching) {
   flags.AddBool("calculate-kv-scales", &calculate_kv_scales,
                 "fp8 KV cache without checkpoint scales: derive them from the first prefill's "
                 "K/V absolute maximum (else 1.0)");
+  flags.AddBool("fuse-projections", &fuse_projections,
+                "run q|k|v and gate|up of each layer as one fused Linear each where the "
+                "weight formats allow (--no-fuse-projections: separate Linears)");
   flags.AddBool("enable-prefix-caching", &enable_prefix_caching,
                 "reuse cached K/V of repeated prompt prefixes (--no-enable-prefix-caching: off)");
   if (with_batching) {
@@ -54,6 +57,7 @@ absl::StatusOr<EngineOptions> EngineFlags::ToOptions() const {
   o.calculate_kv_scales = calculate_kv_scales;
   o.quantization = quantization;
   o.weight_only_activations = weight_only_activations;
+  o.fuse_projections = fuse_projections;
   if (!(gpu_memory_utilization > 0.0 && gpu_memory_utilization <= 1.0)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--gpu-memory-utilization must be in (0, 1], got ", gpu_memory_utilization));

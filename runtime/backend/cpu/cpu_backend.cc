@@ -282,6 +282,27 @@ class CpuBackend : public Backend {
                  out.data<float>());
   }
 
+  void SiluMulPacked(const Tensor& gate_up, Tensor& out) override {
+    assert(gate_up.dim(0) == out.dim(0) && gate_up.dim(1) == 2 * out.dim(1));
+    cpu::SiluMulPacked(gate_up.data<float>(), out.dim(0), out.dim(1), out.data<float>());
+  }
+
+  void SplitColumns(const Tensor& x, absl::Span<Tensor* const> outs) override {
+    std::vector<int64_t> cols;
+    std::vector<float*> ptrs;
+    int64_t width = 0;
+    for (Tensor* o : outs) {
+      assert(o->dim(0) == x.dim(0));
+      cols.push_back(o->dim(1));
+      ptrs.push_back(o->data<float>());
+      width += o->dim(1);
+    }
+    assert(width == x.dim(1));
+    (void)width;
+    cpu::SplitColumns(x.data<float>(), x.dim(0), cols.data(), ptrs.data(),
+                      static_cast<int64_t>(outs.size()));
+  }
+
   void Add(Tensor& x, const Tensor& y) override {
     float* a = x.data<float>();
     const float* b = y.data<float>();

@@ -438,4 +438,23 @@ void SiluMul(const float* gate, const float* up, int64_t n, int64_t d, float* ou
   for (int64_t i = 0; i < n * d; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
+void SiluMulPacked(const float* gate_up, int64_t n, int64_t d, float* out) {
+  for (int64_t r = 0; r < n; ++r) {
+    SiluMul(gate_up + r * 2 * d, gate_up + r * 2 * d + d, 1, d, out + r * d);
+  }
+}
+
+void SplitColumns(const float* x, int64_t n, const int64_t* cols, float* const* outs,
+                  int64_t num_outs) {
+  int64_t width = 0;
+  for (int64_t i = 0; i < num_outs; ++i) width += cols[i];
+  for (int64_t r = 0; r < n; ++r) {
+    const float* src = x + r * width;
+    for (int64_t i = 0; i < num_outs; ++i) {
+      std::memcpy(outs[i] + r * cols[i], src, static_cast<size_t>(cols[i]) * sizeof(float));
+      src += cols[i];
+    }
+  }
+}
+
 }  // namespace qshard::cpu

@@ -34,6 +34,14 @@ void Linear(const float* x, int64_t m, const Tensor& w, const Tensor* bias, floa
 
 // out[n, d] = silu(gate[n, d]) * up[n, d]; out may alias gate.
 void SiluMul(const float* gate, const float* up, int64_t n, int64_t d, float* out);
+// The same on the output of a fused gate|up Linear: gate_up [n, 2d] (row r = gate row r,
+// then up row r), out [n, d], not overlapping gate_up. Bit-identical to SiluMul.
+void SiluMulPacked(const float* gate_up, int64_t n, int64_t d, float* out);
+
+// outs[i] [n, cols[i]] = x[:, c_i : c_i + cols[i]] of x [n, sum(cols)], c_i the sum of the
+// earlier cols (splits the output of a fused q|k|v Linear).
+void SplitColumns(const float* x, int64_t n, const int64_t* cols, float* const* outs,
+                  int64_t num_outs);
 
 // Converts any float tensor (bf16/f16/f32) of numel elements to fp32.
 void ToFloat(const Tensor& t, float* out);

@@ -1,8 +1,6 @@
 #include "runtime/backend/cpu/quant_linear.h"
 
 #include <immintrin.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -22,6 +20,7 @@
 #include "runtime/backend/cpu/ops.h"
 #include "runtime/backend/cpu/simd_avx2.h"
 #include "runtime/backend/cpu/simd_avx512.h"
+#include "runtime/base/mapped_file.h"
 #include "runtime/base/status_macros.h"
 #include "runtime/base/thread_pool.h"
 
@@ -865,17 +864,12 @@ void Fp8Linear::Run(const float* x, int64_t m, float* y) const {
 }
 
 // The checkpoint's packed tensors were read once to repack them; ask the kernel to drop
-// their pages so the process keeps only the repacked copy resident. MADV_PAGEOUT keeps the
-// contents (clean file pages are re-read if touched again; anonymous memory is swapped or
-// left alone), so it is safe whatever owns the memory. Only whole interior pages.
+// their pages so the process keeps only the repacked copy resident. Only pages of a mapped
+// checkpoint are dropped (mapped_file.h): host tensors built in memory (dummy weights, a
+// fused q|k|v) are freed by their owner instead.
 void ReleaseSourcePages(const Tensor& t) {
-#ifdef MADV_PAGEOUT
-  if (t.empty() || t.nbytes() == 0) return;
-  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.raw()) + page - 1) / page * page;
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.raw()) + t.nbytes()) / page * page;
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_PAGEOUT);
-#endif
+  if (t.empty()) return;
+  ReleaseMappedPages(t.raw(), t.nbytes());
 }
 
 std::string GroupLabel(int64_t group_size, int64_t k) {

@@ -701,6 +701,45 @@ class CudaBackend : public Backend {
                              gate.dim(1), stream()));
   }
 
+  void SiluMulPacked(const Tensor& gate_up, Tensor& out) override {
+    if (!status_.ok() || Replaying()) return;
+    if (gate_up.dtype() != out.dtype() || gate_up.dim(0) != out.dim(0) ||
+        gate_up.dim(1) != 2 * out.dim(1)) {
+      Keep(absl::InvalidArgumentError(absl::StrCat(
+          "SiluMulPacked: gate_up ", ShapeToString(gate_up.shape()), " ",
+          std::string(DTypeName(gate_up.dtype())), " and out ", ShapeToString(out.shape()), " ",
+          std::string(DTypeName(out.dtype())), " (expected [T, 2F] and [T, F], one dtype)")));
+      return;
+    }
+    Keep(cuda::LaunchSiluMulPacked(gate_up.raw(), out.raw(), out.dtype(), out.dim(0), out.dim(1),
+                                   stream()));
+  }
+
+  void SplitColumns(const Tensor& x, absl::Span<Tensor* const> outs) override {
+    if (!status_.ok() || Replaying()) return;
+    void* ptrs[cuda::kMaxSplitOutputs];
+    int64_t cols[cuda::kMaxSplitOutputs];
+    int64_t width = 0;
+    bool ok = outs.size() <= static_cast<size_t>(cuda::kMaxSplitOutputs);
+    for (size_t i = 0; ok && i < outs.size(); ++i) {
+      ok = outs[i]->dtype() == x.dtype() && outs[i]->dim(0) == x.dim(0);
+      ptrs[i] = outs[i]->raw();
+      cols[i] = outs[i]->dim(1);
+      width += cols[i];
+    }
+    if (!ok || width != x.dim(1)) {
+      Keep(absl::InvalidArgumentError(absl::StrCat(
+          "SplitColumns: ", outs.size(), " outputs of ", ShapeToString(x.shape()), " ",
+          std::string(DTypeName(x.dtype())),
+          " must share its dtype and rows and have widths summing to its columns (at most ",
+          cuda::kMaxSplitOutputs, " outputs)")));
+      return;
+    }
+    Keep(cuda::LaunchSplitColumns(x.raw(), x.dtype(), x.dim(0),
+                                  absl::MakeConstSpan(ptrs, outs.size()),
+                                  absl::MakeConstSpan(cols, outs.size()), stream()));
+  }
+
   void Add(Tensor& x, const Tensor& y) override {
     if (!status_.ok() || Replaying()) return;
     Keep(cuda::LaunchAdd(x.raw(), x.dtype(), y.raw(), y.dtype(), x.numel(), stream()));

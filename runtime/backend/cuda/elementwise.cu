@@ -1,4 +1,5 @@
-// Per-element kernels: RoPE, SiLU-and-mul, add, row gather, cast, absolute maximum.
+// Per-element kernels: RoPE, SiLU-and-mul (separate or packed gate|up), column split, add,
+// row gather, cast, absolute maximum.
 //
 // All memory-bound; the goal is coalesced, wide accesses and fp32 arithmetic:
 //   - SiluMul and Add move kVec elements per thread as one 16-byte access (kVec = 4 for fp32,
@@ -8,6 +9,11 @@
 //     (x[i], x[i + half]) in place; both elements belong to that thread only, so in-place use
 //     needs no barrier. cos/sin come from the accurate sincosf of the fp32 angle (the CPU takes
 //     them in double from the same fp32 angle; sincosf is within ~2 ulp, see the tests);
+//   - SiluMulPacked: as SiluMul, kVec elements of gate and the matching up elements per
+//     thread (16-byte accesses when cols and every pointer allow it);
+//   - SplitColumns: a copy in units of 16 bytes (uint4) when every part's row width in bytes
+//     and every pointer are multiples of 16, else of one element; one thread per unit of the
+//     source, which finds its part by scanning the (<= kMaxSplitOutputs) column ends;
 //   - GatherRows / Cast / AbsMax are plain grid-stride loops.
 // Each thread visits exactly the elements it writes, which is what makes aliasing
 // (SiluMul out == gate, in-place RoPE) race-free.
@@ -92,6 +98,58 @@ __global__ void SiluMulKernel(const T* gate, const T* up, T* out, int64_t num_ve
       o.v[i] = FromF32<T>(gf / (1.0f + expf(-gf)) * ToF32(u.v[i]));
     }
     reinterpret_cast<Pack<T, kVec>*>(out)[v] = o;
+  }
+}
+
+// gate_up [rows, 2 * cols], out [rows, cols]; vcols = cols / kVec. Each row of gate_up is
+// 2 * vcols packs: gate's vcols, then up's.
+template <typename T, int kVec>
+__global__ void SiluMulPackedKernel(const T* __restrict__ gate_up, T* __restrict__ out,
+                                    int64_t rows, int64_t vcols) {
+  PdlWait();  // launched with LaunchPdl: the inputs are ready after this (pdl.cuh)
+  PdlLaunchDependents();
+  const int64_t total = rows * vcols;
+  using P = Pack<T, kVec>;
+  for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < total;
+       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = v / vcols;
+    const int64_t c = v - r * vcols;
+    const P g = reinterpret_cast<const P*>(gate_up)[r * 2 * vcols + c];
+    const P u = reinterpret_cast<const P*>(gate_up)[r * 2 * vcols + vcols + c];
+    P o;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      const float gf = ToF32(g.v[i]);
+      // Exactly SiluMulKernel's expression (and so cpu::SiluMul's).
+      o.v[i] = FromF32<T>(gf / (1.0f + expf(-gf)) * ToF32(u.v[i]));
+    }
+    reinterpret_cast<P*>(out)[v] = o;
+  }
+}
+
+// Destinations of SplitColumnsKernel, passed by value (kernel parameter space).
+struct SplitTargets {
+  void* out[kMaxSplitOutputs];
+  int64_t end[kMaxSplitOutputs];  // column end of part i within x, in units of U
+  int n = 0;
+};
+
+// x [rows, width] in units U -> part i gets columns [end[i-1], end[i]) of every row.
+template <typename U>
+__global__ void SplitColumnsKernel(const U* __restrict__ x, int64_t rows, int64_t width,
+                                   SplitTargets t) {
+  PdlWait();  // launched with LaunchPdl: the inputs are ready after this (pdl.cuh)
+  PdlLaunchDependents();
+  const int64_t total = rows * width;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = idx / width;
+    const int64_t c = idx - r * width;
+    int i = 0;
+    while (c >= t.end[i]) ++i;  // c < width = t.end[t.n - 1]: stops within the parts
+    const int64_t begin = i == 0 ? 0 : t.end[i - 1];
+    const int64_t w = t.end[i] - begin;
+    static_cast<U*>(t.out[i])[r * w + (c - begin)] = x[idx];
   }
 }
 
@@ -242,6 +300,76 @@ absl::Status LaunchSiluMul(const void* gate, const void* up, void* out, DType dt
     QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
     return absl::OkStatus();
   });
+}
+
+absl::Status LaunchSiluMulPacked(const void* gate_up, void* out, DType dtype, int64_t rows,
+                                 int64_t cols, cudaStream_t stream) {
+  if (!IsAct(dtype)) return BadDType("LaunchSiluMulPacked", dtype);
+  if (rows < 0 || cols < 0) {
+    return absl::InvalidArgumentError("LaunchSiluMulPacked: negative shape");
+  }
+  if (rows * cols == 0) return absl::OkStatus();
+  return DispatchAct(dtype, [&](auto tag) -> absl::Status {
+    using E = typename decltype(tag)::type;
+    constexpr int kVec = 16 / sizeof(E);
+    // cols % kVec keeps up's half of every row (offset cols) on a 16-byte boundary too.
+    if (cols % kVec == 0 && Aligned16(gate_up) && Aligned16(out)) {
+      (void)LaunchPdl(SiluMulPackedKernel<E, kVec>, dim3(GridFor(rows * cols / kVec)),
+                      dim3(kThreads), 0, stream, static_cast<const E*>(gate_up),
+                      static_cast<E*>(out), rows, cols / kVec);
+    } else {
+      (void)LaunchPdl(SiluMulPackedKernel<E, 1>, dim3(GridFor(rows * cols)), dim3(kThreads), 0,
+                      stream, static_cast<const E*>(gate_up), static_cast<E*>(out), rows, cols);
+    }
+    QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
+    return absl::OkStatus();
+  });
+}
+
+absl::Status LaunchSplitColumns(const void* x, DType dtype, int64_t rows,
+                                absl::Span<void* const> outs, absl::Span<const int64_t> out_cols,
+                                cudaStream_t stream) {
+  if (!IsFloatish(dtype)) return BadDType("LaunchSplitColumns", dtype);
+  if (outs.size() != out_cols.size() || outs.empty() ||
+      outs.size() > static_cast<size_t>(kMaxSplitOutputs)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LaunchSplitColumns: ", outs.size(), " outputs with ", out_cols.size(),
+                     " widths (expected 1 to ", kMaxSplitOutputs, " outputs, one width each)"));
+  }
+  if (rows < 0) return absl::InvalidArgumentError("LaunchSplitColumns: negative rows");
+  const size_t esz = DTypeSize(dtype);
+  // 16-byte units when every row segment and every pointer stays 16-byte aligned.
+  bool wide = Aligned16(x);
+  int64_t width = 0;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    if (out_cols[i] <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("LaunchSplitColumns: output ", i, " has ",
+                                                     out_cols[i], " columns (expected > 0)"));
+    }
+    wide = wide && Aligned16(outs[i]) && (out_cols[i] * static_cast<int64_t>(esz)) % 16 == 0;
+    width += out_cols[i];
+  }
+  if (rows == 0) return absl::OkStatus();
+  auto launch = [&](auto tag) -> absl::Status {
+    using U = typename decltype(tag)::type;
+    const int64_t per_unit = static_cast<int64_t>(sizeof(U) / esz);  // elements per unit
+    SplitTargets t;
+    t.n = static_cast<int>(outs.size());
+    int64_t end = 0;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      end += out_cols[i] / per_unit;
+      t.out[i] = outs[i];
+      t.end[i] = end;
+    }
+    const int64_t units = width / per_unit;
+    (void)LaunchPdl(SplitColumnsKernel<U>, dim3(GridFor(rows * units)), dim3(kThreads), 0, stream,
+                    static_cast<const U*>(x), rows, units, t);
+    QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
+    return absl::OkStatus();
+  };
+  if (wide) return launch(TypeTag<uint4>{});
+  if (esz == 4) return launch(TypeTag<uint32_t>{});
+  return launch(TypeTag<uint16_t>{});
 }
 
 absl::Status LaunchAdd(void* x, DType x_dtype, const void* y, DType y_dtype, int64_t n,

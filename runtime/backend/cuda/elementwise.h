@@ -1,7 +1,8 @@
 // File: elementwise.h
 // Host launchers for the small per-element CUDA ops of a decoder layer: rotary position
-// embedding (RoPE), SiLU-and-multiply, residual add, row gather, dtype cast and the
-// absolute maximum (for fp8 KV scales). Plain C++ (no device code), so .cc files built by
+// embedding (RoPE), SiLU-and-multiply (also on a fused gate|up output), the column split of
+// a fused q|k|v output, residual add, row gather, dtype cast and the absolute maximum (for
+// fp8 KV scales). Plain C++ (no device code), so .cc files built by
 // the host compiler can call them; the kernels live in elementwise.cu.
 //
 // All pointers are device memory, shapes row-major. Activations are fp32 or bf16
@@ -13,6 +14,8 @@
 //   QSHARD_RETURN_IF_ERROR(cuda::LaunchRope(q, k, DType::kBF16, T, 32, 8, 128, positions,
 //                                           inv_freq, stream));
 //   QSHARD_RETURN_IF_ERROR(cuda::LaunchSiluMul(gate, up, gate, DType::kBF16, T, 14336, stream));
+//   QSHARD_RETURN_IF_ERROR(cuda::LaunchSplitColumns(qkv, DType::kBF16, T, {q, k, v},
+//                                                   {4096, 1024, 1024}, stream));
 #ifndef QSHARD_RUNTIME_BACKEND_CUDA_ELEMENTWISE_H_
 #define QSHARD_RUNTIME_BACKEND_CUDA_ELEMENTWISE_H_
 
@@ -21,6 +24,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "absl/types/span.h"
 #include "runtime/base/dtype.h"
 
 namespace qshard::cuda {
@@ -41,6 +45,23 @@ absl::Status LaunchRope(void* q, void* k, DType dtype, int64_t T, int64_t q_head
 // by the same thread.
 absl::Status LaunchSiluMul(const void* gate, const void* up, void* out, DType dtype, int64_t rows,
                            int64_t cols, cudaStream_t stream);
+
+// The output of a fused gate|up Linear: gate_up [rows, 2 * cols] (gate in columns
+// [0, cols), up in [cols, 2 * cols) of each row) -> out [rows, cols] = silu(gate) * up,
+// LaunchSiluMul's arithmetic. dtype f32/bf16 for both; out must not overlap gate_up.
+absl::Status LaunchSiluMulPacked(const void* gate_up, void* out, DType dtype, int64_t rows,
+                                 int64_t cols, cudaStream_t stream);
+
+// Most outputs LaunchSplitColumns takes in one launch.
+inline constexpr int kMaxSplitOutputs = 8;
+
+// The output of a fused q|k|v Linear split into its parts: x [rows, sum(out_cols)] ->
+// outs[i] [rows, out_cols[i]] = x[:, c_i : c_i + out_cols[i]] (c_i the sum of the earlier
+// widths), one launch for all parts. dtype f32/bf16/f16 (a plain copy); outs must not
+// overlap x or each other. At most kMaxSplitOutputs outputs, each at least one column.
+absl::Status LaunchSplitColumns(const void* x, DType dtype, int64_t rows,
+                                absl::Span<void* const> outs, absl::Span<const int64_t> out_cols,
+                                cudaStream_t stream);
 
 // x[i] += y[i] for i < n; x and y are f32 or bf16 independently (the sum is formed in fp32
 // and rounded once to x's dtype).

@@ -579,6 +579,34 @@ TEST(CpuBackendTest, ElementwiseOps) {
     const double ref = g / (1.0 + std::exp(-g)) * upv.data<float>()[i];
     ASSERT_NEAR(act.data<float>()[i], ref, 2e-6 * std::fabs(ref) + 1e-30) << i;
   }
+  // SiluMulPacked on [gate | up] rows: bit for bit what SiluMul gives on the halves.
+  Tensor gate_up = Tensor::Empty(DType::kF32, {T, 2 * H});
+  for (int64_t t = 0; t < T; ++t) {
+    std::copy_n(gate.data<float>() + t * H, H, gate_up.data<float>() + t * 2 * H);
+    std::copy_n(upv.data<float>() + t * H, H, gate_up.data<float>() + t * 2 * H + H);
+  }
+  Tensor packed_act = NanTensor(T, H);
+  b->SiluMulPacked(gate_up, packed_act);
+  ASSERT_EQ(std::memcmp(packed_act.data<float>(), act.data<float>(), T * H * sizeof(float)), 0)
+      << "SiluMulPacked differs from SiluMul";
+  // SplitColumns of a [T, 16 + 5 + 3] q|k|v output.
+  {
+    const int64_t widths[3] = {16, 5, 3};
+    Tensor qkv = FloatTensor(T, 24, rng);
+    Tensor parts[3] = {NanTensor(T, widths[0]), NanTensor(T, widths[1]), NanTensor(T, widths[2])};
+    Tensor* outs[3] = {&parts[0], &parts[1], &parts[2]};
+    b->SplitColumns(qkv, outs);
+    int64_t col0 = 0;
+    for (int i = 0; i < 3; ++i) {
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t c = 0; c < widths[i]; ++c) {
+          ASSERT_EQ(parts[i].data<float>()[t * widths[i] + c], qkv.data<float>()[t * 24 + col0 + c])
+              << "part " << i << " row " << t << " col " << c;
+        }
+      }
+      col0 += widths[i];
+    }
+  }
   // Add.
   Tensor acc = FloatTensor(T, H, rng);
   std::vector<float> before(acc.data<float>(), acc.data<float>() + T * H);

@@ -8,7 +8,7 @@
 // rounded, so only the arithmetic differs. NaN never passes (!(err <= bound)).
 //
 // Tolerances:
-//   - Add, GatherRows, Cast, AbsMax: exact. Add is one fp32 addition then one
+//   - Add, GatherRows, Cast, AbsMax, SplitColumns: exact. Add is one fp32 addition then one
 //     round-to-nearest-even on both sides; the others move or round values the same way.
 //   - RoPE: the reference forms the angle as the same fp32 product, takes cos/sin in double
 //     and rotates in double. The GPU's sincosf is accurate to ~1-2 ulp (full range reduction,
@@ -17,6 +17,10 @@
 //     result: 2^-8 |ref|.
 //   - SiluMul: fp32 expf and division (each within 2 ulp) vs double: rel 2e-6 of
 //     |gate * up| (the factor silu/gate is in (0, 1.3)); bf16 output adds 2^-8 |ref|.
+//     SiluMulPacked: the same bound, and bit for bit what SiluMul gives on the two halves
+//     (the same fp32 expression).
+#include "runtime/backend/cuda/elementwise.h"
+
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
@@ -32,8 +36,8 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "runtime/backend/cuda/cuda_context.h"
-#include "runtime/backend/cuda/elementwise.h"
 #include "runtime/base/dtype.h"
 #include "runtime/base/half.h"
 #include "runtime/base/status_macros.h"
@@ -239,6 +243,113 @@ TEST_F(CudaElementwiseTest, SiluMulInPlaceAndOutOfPlace) {
   }
 }
 
+TEST_F(CudaElementwiseTest, SiluMulPackedMatchesReferenceAndSiluMulBitForBit) {
+  for (DType dt : {DType::kF32, DType::kBF16}) {
+    // cols 333: the one-element path; (4, 1000) with `offset`: a gate_up pointer off the
+    // 16-byte grid, which must also take it.
+    for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 8}, {3, 1000}, {5, 333}, {2, 14336}}) {
+      for (int64_t offset : {0, 1}) {
+        const std::string what = absl::StrCat("silu_mul_packed ", Name(dt), " ", rows, "x", cols,
+                                              offset ? " misaligned" : "");
+        const std::vector<float> g = RandomValues(rows * cols, dt, 61 + cols, 4.0f);
+        const std::vector<float> u = RandomValues(rows * cols, dt, 62 + cols);
+        // gate_up [rows, 2 * cols] = [gate | up] per row, after `offset` leading elements.
+        std::vector<float> gu(offset + rows * 2 * cols, 1.0f);
+        std::vector<double> want(g.size()), bound(g.size());
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t c = 0; c < cols; ++c) {
+            const int64_t i = r * cols + c;
+            gu[offset + r * 2 * cols + c] = g[i];
+            gu[offset + r * 2 * cols + cols + c] = u[i];
+            const double gd = g[i];
+            want[i] = gd / (1.0 + std::exp(-gd)) * u[i];
+            bound[i] =
+                2e-6 * std::fabs(gd * u[i]) + (dt == DType::kBF16 ? std::fabs(want[i]) / 256 : 0);
+          }
+        }
+        auto dgu = Upload(gu, dt, stream());
+        auto dout = Poisoned(g.size(), dt, stream());
+        auto dg = Upload(g, dt, stream());
+        auto du = Upload(u, dt, stream());
+        auto dsep = Poisoned(g.size(), dt, stream());
+        ASSERT_TRUE(dgu.ok() && dout.ok() && dg.ok() && du.ok() && dsep.ok());
+        const void* gate_up = static_cast<const uint8_t*>(dgu->get()) + offset * DTypeSize(dt);
+        QSHARD_ASSERT_OK(LaunchSiluMulPacked(gate_up, dout->get(), dt, rows, cols, stream()));
+        QSHARD_ASSERT_OK(
+            LaunchSiluMul(dg->get(), du->get(), dsep->get(), dt, rows, cols, stream()));
+        auto got = Download(*dout, dt, g.size(), stream());
+        auto sep = Download(*dsep, dt, g.size(), stream());
+        ASSERT_TRUE(got.ok() && sep.ok());
+        ExpectWithin(*got, want, bound, cols, what);
+        std::vector<double> sep_d(sep->begin(), sep->end());
+        ExpectWithin(*got, sep_d, std::vector<double>(g.size(), 0.0), cols, what + " vs SiluMul");
+      }
+    }
+  }
+}
+
+TEST_F(CudaElementwiseTest, SplitColumnsIsExactAndStaysInBounds) {
+  struct Split {
+    std::vector<int64_t> cols;
+    int64_t offset;  // elements the first output is moved off the 16-byte grid
+  };
+  // 16-byte units (q|k|v of a 6-head / 2-KV-head model, of Llama-3-8B), single elements
+  // (odd widths), a misaligned output, one output, the most outputs in one launch.
+  const std::vector<Split> splits = {{{384, 128, 128}, 0},
+                                     {{4096, 1024, 1024}, 0},
+                                     {{5, 3, 7}, 0},
+                                     {{384, 128, 128}, 1},
+                                     {{13}, 0},
+                                     {{8, 16, 24, 32, 40, 48, 56, 64}, 0}};
+  constexpr int64_t kGuard = 64;  // poisoned elements after each output, must stay poisoned
+  for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
+    for (const Split& sp : splits) {
+      for (int64_t rows : {1, 7}) {
+        int64_t width = 0;
+        for (int64_t c : sp.cols) width += c;
+        const std::string what =
+            absl::StrCat("split ", Name(dt), " rows=", rows, " cols=", absl::StrJoin(sp.cols, ","),
+                         sp.offset ? " misaligned" : "");
+        const std::vector<float> x = RandomValues(rows * width, dt, 71 + width + rows);
+        auto dx = Upload(x, dt, stream());
+        ASSERT_TRUE(dx.ok()) << dx.status();
+        std::vector<DeviceBuffer> outs;
+        std::vector<void*> ptrs;
+        for (size_t i = 0; i < sp.cols.size(); ++i) {
+          const int64_t off = i == 0 ? sp.offset : 0;
+          auto b = Poisoned(off + rows * sp.cols[i] + kGuard, dt, stream());
+          ASSERT_TRUE(b.ok()) << b.status();
+          ptrs.push_back(static_cast<uint8_t*>(b->get()) + off * DTypeSize(dt));
+          outs.push_back(std::move(b).value());
+        }
+        QSHARD_ASSERT_OK(LaunchSplitColumns(dx->get(), dt, rows, ptrs, sp.cols, stream()));
+        int64_t col0 = 0;
+        for (size_t i = 0; i < sp.cols.size(); ++i) {
+          const int64_t off = i == 0 ? sp.offset : 0;
+          const int64_t n = rows * sp.cols[i];
+          auto got = Download(outs[i], dt, off + n + kGuard, stream());
+          ASSERT_TRUE(got.ok()) << got.status();
+          std::vector<float> part(got->begin() + off, got->begin() + off + n);
+          std::vector<double> want(n);
+          for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t c = 0; c < sp.cols[i]; ++c) {
+              want[r * sp.cols[i] + c] = x[r * width + col0 + c];
+            }
+          }
+          ExpectWithin(part, want, std::vector<double>(n, 0.0), sp.cols[i],
+                       absl::StrCat(what, " output ", i));
+          for (int64_t j = 0; j < off; ++j) EXPECT_TRUE(std::isnan((*got)[j])) << what;
+          for (int64_t j = off + n; j < off + n + kGuard; ++j) {
+            EXPECT_TRUE(std::isnan((*got)[j]))
+                << what << " output " << i << " wrote past its end at " << j - off - n;
+          }
+          col0 += sp.cols[i];
+        }
+      }
+    }
+  }
+}
+
 TEST_F(CudaElementwiseTest, AddIsExact) {
   for (DType xt : {DType::kF32, DType::kBF16}) {
     for (DType yt : {DType::kF32, DType::kBF16}) {
@@ -330,6 +441,18 @@ TEST_F(CudaElementwiseTest, RejectsBadArguments) {
   EXPECT_FALSE(LaunchRope(nullptr, nullptr, DType::kF16, 1, 1, 1, 64, nullptr, nullptr, stream()).ok());
   EXPECT_FALSE(LaunchSiluMul(nullptr, nullptr, nullptr, DType::kI32, 1, 1, stream()).ok());
   EXPECT_FALSE(LaunchCast(nullptr, DType::kF8E4M3, nullptr, DType::kF32, 1, stream()).ok());
+  EXPECT_FALSE(LaunchSiluMulPacked(nullptr, nullptr, DType::kF16, 1, 8, stream()).ok());
+  EXPECT_FALSE(LaunchSiluMulPacked(nullptr, nullptr, DType::kF32, -1, 8, stream()).ok());
+  void* outs[kMaxSplitOutputs + 1] = {};
+  const int64_t cols[kMaxSplitOutputs + 1] = {8, 8, 8, 8, 8, 8, 8, 8, 8};
+  EXPECT_FALSE(LaunchSplitColumns(nullptr, DType::kI32, 1, {outs, 1}, {cols, 1}, stream()).ok());
+  EXPECT_FALSE(LaunchSplitColumns(nullptr, DType::kF32, 1, {outs, 2}, {cols, 1}, stream()).ok());
+  EXPECT_FALSE(LaunchSplitColumns(nullptr, DType::kF32, 1, {outs, 0}, {cols, 0}, stream()).ok());
+  EXPECT_FALSE(LaunchSplitColumns(nullptr, DType::kF32, 1, {outs, kMaxSplitOutputs + 1},
+                                  {cols, kMaxSplitOutputs + 1}, stream())
+                   .ok());
+  const int64_t zero[2] = {8, 0};
+  EXPECT_FALSE(LaunchSplitColumns(nullptr, DType::kF32, 1, {outs, 2}, {zero, 2}, stream()).ok());
 }
 
 }  // namespace

@@ -127,6 +127,12 @@ class HostSamplingBackend : public Backend {
   void SiluMul(const Tensor& gate, const Tensor& up, Tensor& out) override {
     cpu_->SiluMul(gate, up, out);
   }
+  void SiluMulPacked(const Tensor& gate_up, Tensor& out) override {
+    cpu_->SiluMulPacked(gate_up, out);
+  }
+  void SplitColumns(const Tensor& x, absl::Span<Tensor* const> outs) override {
+    cpu_->SplitColumns(x, outs);
+  }
   void Add(Tensor& x, const Tensor& y) override { cpu_->Add(x, y); }
   void GatherRows(const Tensor& src, const std::vector<int32_t>& rows, Tensor& out) override {
     cpu_->GatherRows(src, rows, out);
