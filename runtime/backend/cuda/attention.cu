@@ -690,7 +690,10 @@ absl::Status LaunchPagedAttention(const PagedAttentionArgs& a, cudaStream_t stre
   int64_t split_len = CeilDiv(a.max_context_len, kTile) * kTile;
   if (splits > 1) {
     split_len = CeilDiv(CeilDiv(plan_len, splits), kTile) * kTile;
-    splits = CeilDiv(a.max_context_len, split_len);
+    // Splits past the context are launched too (they find no positions): an eager step of
+    // 17 positions then takes the split + combine path like its graph, not the one-split
+    // path, whose in-kernel normalization rounds differently.
+    splits = CeilDiv(plan_len, split_len);
   }
   const int64_t ws_needed =
       splits > 1 ? splits * a.num_tokens * a.num_heads * (a.head_dim + 2) * 4 : 0;

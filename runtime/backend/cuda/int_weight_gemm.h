@@ -23,7 +23,7 @@
 //     into the fp32 2^23 + q trick, fp32 fma, cvt to bf16x2); mma.sync.m16n8k16 bf16 with
 //     fp32 accumulators. M <= 64 uses 16 x 128 block tiles (5 stages, 3-4 blocks per SM);
 //     larger M uses 128 x 128 block tiles (3 stages). When the output tiles alone give fewer
-//     than ~3 blocks per SM, K is split over blocks: each split stores its fp32 partial
+//     than ~8 blocks per SM, K is split over blocks: each split stores its fp32 partial
 //     tile into its own slice of a shared workspace, and the last block of each output
 //     tile (a per-tile arrival counter) sums the slices in split order (deterministic)
 //     into y, so the steady state needs no memset and no second kernel.
@@ -119,7 +119,7 @@ PackedCodeIndex PackedCodeLocation(int64_t n, int64_t p, int64_t k, int bits);
 // The code stored for (n, sorted position p); the inverse of the repack (for tests).
 uint32_t PackedCodeAt(const PackedIntWeights& packed, int64_t n, int64_t p);
 
-// The blocks per SM the K split aims for when the output tiles alone are fewer (default 3;
+// The blocks per SM the K split aims for when the output tiles alone are fewer (default 8;
 // process-wide, for benchmark sweeps).
 void SetIntGemmBlocksPerSm(int blocks);
 int IntGemmBlocksPerSm();
