@@ -144,9 +144,13 @@ void BumpScratchGeneration() { g_scratch_generation.fetch_add(1, std::memory_ord
 namespace {
 // -1: not decided yet; 0 / 1: off / on.
 std::atomic<int> g_pdl{-1};
+thread_local bool t_pdl_allowed = true;
 }  // namespace
 
+void SetProgrammaticLaunchForThisThread(bool allowed) { t_pdl_allowed = allowed; }
+
 bool ProgrammaticLaunchEnabled() {
+  if (!t_pdl_allowed) return false;
   int v = g_pdl.load(std::memory_order_acquire);
   if (v < 0) {
     int device = 0, major = 0;

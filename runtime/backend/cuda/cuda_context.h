@@ -62,6 +62,9 @@ void BumpScratchGeneration();
 // compare the two in one run).
 bool ProgrammaticLaunchEnabled();
 void SetProgrammaticLaunch(bool enabled);
+// A per-thread veto on top of that (default: allowed): the CUDA backend allows PDL only for
+// steps of few tokens, where it measured faster.
+void SetProgrammaticLaunchForThisThread(bool allowed);
 
 // An owning device allocation (cudaMalloc: 256-byte aligned). Move-only.
 class DeviceBuffer {
