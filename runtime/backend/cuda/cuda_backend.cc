@@ -767,7 +767,7 @@ class CudaBackend : public Backend {
 
   // --- CUDA graphs for decode steps -------------------------------------------
   // A decode step launches ~10 kernels per layer (~330 for an 8B model) whose launch cost
-  // is comparable to their run time at batch 1. With QSHARD_CUDA_GRAPHS=1, a decode step
+  // is comparable to their run time at batch 1. Unless QSHARD_CUDA_GRAPHS=0, a decode step
   // of a shape seen before is captured into a graph (uploads included) the second time it
   // occurs and replayed from then on: the ops still run their host side (pinned staging of
   // ids and positions, arena allocations, which land at the same addresses because the
@@ -995,7 +995,7 @@ class CudaBackend : public Backend {
   int32_t attn_context_len_ = 0;  // attention's context bound this step
   int64_t graph_captures_ = 0, graph_replays_ = 0;
 
-  // Sampling on the device (Sample): opt-in like graphs until a GPU run verifies it.
+  // Sampling on the device (Sample): on unless QSHARD_CUDA_SAMPLING=0 (Create).
   bool sampling_enabled_ = false;
   std::vector<uint32_t> sample_host_;  // results of the last Sample, before unpacking
 
