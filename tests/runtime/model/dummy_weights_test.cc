@@ -10,25 +10,12 @@
 #include "gtest/gtest.h"
 #include "kv/model_shapes.h"
 #include "runtime/model/llama_model.h"
+#include "tests/runtime/model/tiny_shape.h"
 
 namespace qshard {
 namespace {
 
-ModelConfig TinyShape() {
-  ModelConfig c;
-  c.architecture = "LlamaForCausalLM";
-  c.model_type = "llama";
-  c.hidden_size = 256;
-  c.intermediate_size = 512;
-  c.num_layers = 2;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 64;
-  c.vocab_size = 512;
-  c.max_position_embeddings = 128;
-  c.rms_norm_eps = 1e-5;
-  return c;
-}
+ModelConfig TinyShape() { return testing::TinyLlamaShape(); }
 
 struct Built {
   std::unique_ptr<Backend> backend;

@@ -18,6 +18,7 @@
 #include "runtime/backend/backend.h"
 #include "runtime/checkpoint/safetensors.h"
 #include "runtime/model/llama_model.h"
+#include "tests/runtime/model/tiny_shape.h"
 #include "tests/test_support.h"
 
 namespace qshard {
@@ -43,18 +44,7 @@ void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
 // A small shape with biases, so the concatenation of biases runs too.
 ModelConfig DummyShape() {
-  ModelConfig c;
-  c.architecture = "LlamaForCausalLM";
-  c.model_type = "llama";
-  c.hidden_size = 256;
-  c.intermediate_size = 512;
-  c.num_layers = 2;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 64;
-  c.vocab_size = 512;
-  c.max_position_embeddings = 128;
-  c.rms_norm_eps = 1e-5;
+  ModelConfig c = testing::TinyLlamaShape();
   c.attention_bias = true;
   c.mlp_bias = true;
   return c;
