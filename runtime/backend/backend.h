@@ -161,6 +161,13 @@ class Backend {
   // outs[i] [T, C_i] = x[:, c_i : c_i + C_i] with c_i = C_0 + ... + C_(i-1). Every out has
   // x's dtype and row count and its own memory (no overlap with x or each other).
   virtual void SplitColumns(const Tensor& x, absl::Span<Tensor* const> outs) = 0;
+  // The fused q|k|v Linear's output to attention's inputs: the same q, k, v as
+  // SplitColumns(qkv, {&q, &k, &v}) followed by Rope(q, k, head_dim, rope) (the default
+  // does exactly that). A backend may also write k and v into `layer`'s KV cache here, as
+  // the Attention(layer, q, k, v, ...) that follows in the same step would; that Attention
+  // then skips the write (the CUDA backend's one-launch fused kernel).
+  virtual void SplitQkvRope(int layer, const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v,
+                            int64_t head_dim, const RopeConfig& rope);
   // x += y.
   virtual void Add(Tensor& x, const Tensor& y) = 0;
   // Rows of src selected by host indices: out[i] = src[rows[i]].

@@ -617,7 +617,7 @@ absl::StatusOr<Tensor> LlamaModel::ForwardLogits(absl::Span<const SequenceChunk>
   Tensor delta = b.Allocate(T, H);                    // [T, H] block output to add
   Tensor gate = b.Allocate(T, I);                     // [T, I]
   // Outputs of the fused Linears (and `up` for separate ones), only what some layer uses.
-  // qkv is consumed by SplitColumns before gate_up is written, so the two share one buffer:
+  // qkv is consumed by SplitQkvRope before gate_up is written, so the two share one buffer:
   // a fused step allocates no more than a separate one (on the CPU every new buffer costs
   // page faults).
   bool any_fused = false, any_separate_gate_up = false;
@@ -637,7 +637,6 @@ absl::StatusOr<Tensor> LlamaModel::ForwardLogits(absl::Span<const SequenceChunk>
     gate_up = view(2 * I);  // [T, 2I] = [gate | up] per row
   }
   if (any_separate_gate_up) up = b.Allocate(T, I);  // [T, I]
-  Tensor* qkv_parts[] = {&q, &k, &v};
 
   // Calibration passes of the offline quantizer observe the linear inputs.
   const auto& observe = hooks_.on_linear_input;
@@ -656,13 +655,13 @@ absl::StatusOr<Tensor> LlamaModel::ForwardLogits(absl::Span<const SequenceChunk>
     observed(l, LinearSlot::kQkv, h);
     if (L.qkv_proj != nullptr) {
       b.Linear(h, *L.qkv_proj, qkv);
-      b.SplitColumns(qkv, qkv_parts);
+      b.SplitQkvRope(static_cast<int>(l), qkv, q, k, v, D, c.rope);
     } else {
       b.Linear(h, *L.q_proj, q);
       b.Linear(h, *L.k_proj, k);
       b.Linear(h, *L.v_proj, v);
+      b.Rope(q, k, D, c.rope);
     }
-    b.Rope(q, k, D, c.rope);
     b.Attention(static_cast<int>(l), q, k, v, c.num_heads, c.num_kv_heads, D, scale, attn);
     observed(l, LinearSlot::kO, attn);
     b.Linear(attn, *L.o_proj, delta);

@@ -47,7 +47,9 @@
 #include "absl/strings/str_cat.h"
 #include "runtime/backend/cuda/attention.h"
 #include "runtime/backend/cuda/cuda_check.h"
+#include "runtime/backend/cuda/device_convert.cuh"
 #include "runtime/backend/cuda/pdl.cuh"
+#include "runtime/backend/cuda/rope.cuh"
 #include "runtime/base/status_macros.h"
 
 namespace qshard::cuda {
@@ -196,6 +198,63 @@ __global__ void KvWriteKernel(const void* __restrict__ k, const void* __restrict
     const int64_t dst = ((block * kv_heads + h) * block_size + off) * head_dim + d;
     StoreCacheValue<kKind>(k_cache, dst, LoadAct(k, idx, act_bf16), k_inv_scale);
     StoreCacheValue<kKind>(v_cache, dst, LoadAct(v, idx, act_bf16), v_inv_scale);
+  }
+}
+
+// The fused q|k|v Linear's output straight to attention's inputs (LaunchQkvRopeKvWrite):
+// one thread per (token, head, pair i < half) over the q_heads + 2 * kv_heads heads of a
+// qkv row (q's, then k's, then v's). It reads the pair (x[i], x[i + half]) of its head,
+// rotates q and k pairs exactly as RopeKernel does (rope.cuh), rounds them to the
+// activation type E and writes them to q / k / v, and for k and v heads also stores those
+// rounded values into the cache slot, as KvWriteKernel would after reading them back: the
+// same bits as SplitColumns + Rope + KvWrite, in one launch instead of three.
+template <typename E, int kKind>
+__global__ void QkvRopeKvWriteKernel(const E* __restrict__ qkv, E* __restrict__ q,
+                                     E* __restrict__ k, E* __restrict__ v, int64_t T, int q_heads,
+                                     int kv_heads, int half, const int32_t* __restrict__ positions,
+                                     const float* __restrict__ inv_freq,
+                                     const int32_t* __restrict__ slot_mapping, void* k_cache,
+                                     void* v_cache, int block_size, float k_inv_scale,
+                                     float v_inv_scale) {
+  PdlWait();  // launched with LaunchPdl: the inputs are ready after this (pdl.cuh)
+  PdlLaunchDependents();
+  const int heads = q_heads + 2 * kv_heads;
+  const int head_dim = 2 * half;
+  const int64_t total = T * heads * half;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int i = static_cast<int>(idx % half);
+    const int64_t th = idx / half;
+    const int h = static_cast<int>(th % heads);
+    const int64_t t = th / heads;
+    const E* src = qkv + (t * heads + h) * head_dim;
+    E e1 = src[i], e2 = src[i + half];
+    if (h < q_heads + kv_heads) {  // q or k: rotate
+      float y1, y2;
+      RopeRotatePair(positions[t], inv_freq[i], ToF32(e1), ToF32(e2), &y1, &y2);
+      e1 = FromF32<E>(y1);
+      e2 = FromF32<E>(y2);
+    }
+    if (h < q_heads) {
+      E* dst = q + (t * q_heads + h) * head_dim;
+      dst[i] = e1;
+      dst[i + half] = e2;
+      continue;
+    }
+    const bool is_k = h < q_heads + kv_heads;
+    const int kh = is_k ? h - q_heads : h - q_heads - kv_heads;  // kv head
+    E* dst = (is_k ? k : v) + (t * kv_heads + kh) * head_dim;
+    dst[i] = e1;
+    dst[i + half] = e2;
+    const int32_t slot = slot_mapping[t];
+    if (slot < 0) continue;
+    const int64_t block = slot / block_size;
+    const int64_t off = slot - block * block_size;
+    const int64_t base = ((block * kv_heads + kh) * block_size + off) * head_dim;
+    void* cache = is_k ? k_cache : v_cache;
+    const float inv = is_k ? k_inv_scale : v_inv_scale;
+    StoreCacheValue<kKind>(cache, base + i, ToF32(e1), inv);
+    StoreCacheValue<kKind>(cache, base + i + half, ToF32(e2), inv);
   }
 }
 
@@ -520,6 +579,14 @@ std::atomic<bool>& TensorCorePrefillFlag() {
   return flag;
 }
 
+std::atomic<bool>& FusedRopeKvFlag() {
+  static std::atomic<bool> flag([] {
+    const char* env = std::getenv("QSHARD_CUDA_FUSED_ROPE_KV");
+    return env != nullptr && std::string(env) == "1";
+  }());
+  return flag;
+}
+
 // The current device's SM count, asked of the driver once per device (not per launch).
 absl::StatusOr<int> CurrentDeviceSms() {
   constexpr int kMaxDevices = 64;
@@ -594,6 +661,65 @@ absl::Status LaunchKvWrite(const void* k, const void* v, DType act_dtype, int64_
     return absl::OkStatus();
   });
 }
+
+absl::Status LaunchQkvRopeKvWrite(const QkvRopeKvWriteArgs& a, cudaStream_t stream) {
+  if (a.act_dtype != DType::kF32 && a.act_dtype != DType::kBF16) {
+    return absl::InvalidArgumentError(absl::StrCat("LaunchQkvRopeKvWrite: activation dtype ",
+                                                   std::string(DTypeName(a.act_dtype)),
+                                                   " (expected float32 or bfloat16)"));
+  }
+  const int kind = CacheKindOf(a.cache_dtype);
+  if (kind < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("LaunchQkvRopeKvWrite: cache dtype ", std::string(DTypeName(a.cache_dtype))));
+  }
+  if (a.num_tokens < 0 || a.q_heads <= 0 || a.kv_heads <= 0 || a.head_dim <= 0 ||
+      a.head_dim % 2 != 0 || a.block_size <= 0 ||
+      a.num_tokens * (a.q_heads + 2 * a.kv_heads) * a.head_dim > INT64_MAX / 4) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "LaunchQkvRopeKvWrite: bad shape T=", a.num_tokens, " q_heads=", a.q_heads,
+        " kv_heads=", a.kv_heads, " head_dim=", a.head_dim, " (even) block_size=", a.block_size));
+  }
+  if (IsFp8Kind(kind) && !(a.k_scale > 0.0f && a.v_scale > 0.0f)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "LaunchQkvRopeKvWrite: fp8 scales must be > 0, got ", a.k_scale, ", ", a.v_scale));
+  }
+  const int64_t total = a.num_tokens * (a.q_heads + 2 * a.kv_heads) * (a.head_dim / 2);
+  if (total == 0) return absl::OkStatus();
+  if (a.qkv == nullptr || a.q == nullptr || a.k == nullptr || a.v == nullptr ||
+      a.positions == nullptr || a.inv_freq == nullptr || a.slot_mapping == nullptr ||
+      a.k_cache == nullptr || a.v_cache == nullptr) {
+    return absl::InvalidArgumentError("LaunchQkvRopeKvWrite: a null pointer argument");
+  }
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>(CeilDiv(total, kThreads), 8192);
+  // 1 / scale on the host, as LaunchKvWrite (and cpu::StoreKvRow) form it.
+  const float k_inv = IsFp8Kind(kind) ? 1.0f / a.k_scale : 1.0f;
+  const float v_inv = IsFp8Kind(kind) ? 1.0f / a.v_scale : 1.0f;
+  return DispatchKind(kind, [&](auto tag) -> absl::Status {
+    constexpr int kK = decltype(tag)::value;
+    if (a.act_dtype == DType::kBF16) {
+      (void)LaunchPdl(QkvRopeKvWriteKernel<bf16, kK>, dim3(blocks), dim3(kThreads), 0, stream,
+                      static_cast<const bf16*>(a.qkv), static_cast<bf16*>(a.q),
+                      static_cast<bf16*>(a.k), static_cast<bf16*>(a.v), a.num_tokens,
+                      static_cast<int>(a.q_heads), static_cast<int>(a.kv_heads),
+                      static_cast<int>(a.head_dim / 2), a.positions, a.inv_freq, a.slot_mapping,
+                      a.k_cache, a.v_cache, static_cast<int>(a.block_size), k_inv, v_inv);
+    } else {
+      (void)LaunchPdl(QkvRopeKvWriteKernel<float, kK>, dim3(blocks), dim3(kThreads), 0, stream,
+                      static_cast<const float*>(a.qkv), static_cast<float*>(a.q),
+                      static_cast<float*>(a.k), static_cast<float*>(a.v), a.num_tokens,
+                      static_cast<int>(a.q_heads), static_cast<int>(a.kv_heads),
+                      static_cast<int>(a.head_dim / 2), a.positions, a.inv_freq, a.slot_mapping,
+                      a.k_cache, a.v_cache, static_cast<int>(a.block_size), k_inv, v_inv);
+    }
+    QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
+    return absl::OkStatus();
+  });
+}
+
+void SetFusedRopeKvWrite(bool on) { FusedRopeKvFlag().store(on, std::memory_order_relaxed); }
+bool FusedRopeKvWriteEnabled() { return FusedRopeKvFlag().load(std::memory_order_relaxed); }
 
 int64_t PagedAttentionWorkspaceBytes(int64_t num_tokens, int64_t num_heads, int64_t head_dim,
                                      int64_t max_context_len) {

@@ -35,6 +35,39 @@ absl::Status LaunchKvWrite(const void* k, const void* v, DType act_dtype, int64_
                            void* k_cache, void* v_cache, DType cache_dtype, int64_t block_size,
                            float k_scale, float v_scale, cudaStream_t stream);
 
+// The fused q|k|v Linear's output to attention's inputs in one launch, for decode and
+// prefill steps alike: the same bits as LaunchSplitColumns(qkv -> q, k, v), LaunchRope(q, k)
+// and LaunchKvWrite(k, v) in turn. act_dtype f32 or bf16 for every activation; cache and
+// scales as LaunchKvWrite.
+struct QkvRopeKvWriteArgs {
+  const void* qkv = nullptr;  // [T, (q_heads + 2 kv_heads) * head_dim]: q | k | v per row
+  void* q = nullptr;          // [T, q_heads * head_dim], rotated
+  void* k = nullptr;          // [T, kv_heads * head_dim], rotated
+  void* v = nullptr;          // [T, kv_heads * head_dim]
+  DType act_dtype = DType::kBF16;
+  int64_t num_tokens = 0;  // T
+  int64_t q_heads = 0;
+  int64_t kv_heads = 0;
+  int64_t head_dim = 0;                   // even
+  const int32_t* positions = nullptr;     // [T]
+  const float* inv_freq = nullptr;        // [head_dim / 2] (RopeInvFrequencies)
+  const int32_t* slot_mapping = nullptr;  // [T]; a negative slot skips the token's K/V
+  void* k_cache = nullptr;                // this layer's [num_blocks, kv_heads, block_size, D]
+  void* v_cache = nullptr;
+  DType cache_dtype = DType::kBF16;
+  int64_t block_size = 0;
+  float k_scale = 1.0f;  // fp8 caches only (> 0)
+  float v_scale = 1.0f;
+};
+absl::Status LaunchQkvRopeKvWrite(const QkvRopeKvWriteArgs& args, cudaStream_t stream);
+
+// Process-wide switch for the CUDA backend's use of LaunchQkvRopeKvWrite (Backend::
+// SplitQkvRope). Off by default until a GPU run has verified it (the op test compares it
+// bit for bit with the three separate launches); QSHARD_CUDA_FUSED_ROPE_KV=1 in the
+// environment at first use turns it on. Thread-safe; read at every step.
+void SetFusedRopeKvWrite(bool on);
+bool FusedRopeKvWriteEnabled();
+
 struct PagedAttentionArgs {
   const void* q = nullptr;  // [num_tokens, num_heads * head_dim] in dtype
   void* out = nullptr;      // [num_tokens, num_heads * head_dim] in dtype (must not alias q)

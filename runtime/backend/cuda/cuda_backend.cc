@@ -384,6 +384,7 @@ class CudaBackend : public Backend {
       v_cache_.push_back(std::move(v));
     }
     spec_ = spec;
+    kv_prewritten_.assign(spec.num_layers, false);
     ++resources_;  // captured graphs point at the old cache
     return absl::OkStatus();
   }
@@ -527,6 +528,7 @@ class CudaBackend : public Backend {
     QSHARD_RETURN_IF_ERROR(arena_.Reset());
     staged_ = 0;
     meta_ = &meta;
+    std::fill(kv_prewritten_.begin(), kv_prewritten_.end(), false);
     const int32_t T = meta.num_tokens(), S = meta.num_seqs();
     // Programmatic dependent launch for small steps only: on an H100 (qshard_cuda_bench,
     // Llama-3.1-8B, +graphs) it gave fp8 +10% / 4-bit +6% at batch 1 and up to +8% at batch
@@ -626,19 +628,26 @@ class CudaBackend : public Backend {
     }
   }
 
-  void Rope(Tensor& q, Tensor& k, int64_t head_dim, const RopeConfig& rope) override {
-    if (!status_.ok()) return;
+  // The RoPE inverse frequencies for (head_dim, rope) on the device; false (and the error
+  // kept) when they could not be uploaded.
+  bool EnsureRopeTable(int64_t head_dim, const RopeConfig& rope) {
     if (inv_freq_.get() == nullptr || rope_head_dim_ != head_dim || !(rope_ == rope)) {
       const std::vector<float> f = RopeInvFrequencies(rope, head_dim);
       auto buf = DeviceBuffer::Allocate(f.size() * sizeof(float));
-      if (!Keep(buf.status())) return;
+      if (!Keep(buf.status())) return false;
       inv_freq_ = std::move(buf).value();
-      if (!Keep(inv_freq_.CopyFromHost(f.data(), f.size() * sizeof(float), stream()))) return;
+      if (!Keep(inv_freq_.CopyFromHost(f.data(), f.size() * sizeof(float), stream()))) {
+        return false;
+      }
       rope_head_dim_ = head_dim;
       rope_ = rope;
       ++resources_;
     }
-    if (Replaying()) return;
+    return true;
+  }
+
+  void Rope(Tensor& q, Tensor& k, int64_t head_dim, const RopeConfig& rope) override {
+    if (!status_.ok() || !EnsureRopeTable(head_dim, rope) || Replaying()) return;
     if (q.dtype() != k.dtype()) {
       Keep(absl::InvalidArgumentError("Rope: q and k must have the same dtype"));
       return;
@@ -648,20 +657,66 @@ class CudaBackend : public Backend {
                           stream()));
   }
 
+  // One launch (cuda::LaunchQkvRopeKvWrite) instead of SplitColumns + Rope + the KV write
+  // of the Attention that follows, when cuda::FusedRopeKvWriteEnabled() and the shapes are
+  // the cache's; otherwise the base class's two ops.
+  void SplitQkvRope(int layer, const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v, int64_t head_dim,
+                    const RopeConfig& rope) override {
+    if (!status_.ok()) return;
+    const DType dt = qkv.dtype();
+    const bool fusable = cuda::FusedRopeKvWriteEnabled() && layer >= 0 &&
+                         static_cast<size_t>(layer) < k_cache_.size() && !scales_pending_[layer] &&
+                         (dt == DType::kBF16 || dt == DType::kF32) && q.dtype() == dt &&
+                         k.dtype() == dt && v.dtype() == dt && head_dim == spec_.head_dim &&
+                         k.dim(1) == spec_.num_kv_heads * head_dim && v.dim(1) == k.dim(1) &&
+                         q.dim(1) % head_dim == 0 && qkv.dim(1) == q.dim(1) + k.dim(1) + v.dim(1) &&
+                         q.dim(0) == qkv.dim(0) && k.dim(0) == qkv.dim(0) && v.dim(0) == qkv.dim(0);
+    if (!fusable) {
+      Backend::SplitQkvRope(layer, qkv, q, k, v, head_dim, rope);
+      return;
+    }
+    if (!EnsureRopeTable(head_dim, rope)) return;
+    kv_prewritten_[layer] = true;  // the next Attention(layer, ...) skips its KV write
+    if (Replaying()) return;
+    cuda::QkvRopeKvWriteArgs a;
+    a.qkv = qkv.raw();
+    a.q = q.raw();
+    a.k = k.raw();
+    a.v = v.raw();
+    a.act_dtype = dt;
+    a.num_tokens = qkv.dim(0);
+    a.q_heads = q.dim(1) / head_dim;
+    a.kv_heads = spec_.num_kv_heads;
+    a.head_dim = head_dim;
+    a.positions = d_positions_;
+    a.inv_freq = inv_freq_.as<float>();
+    a.slot_mapping = d_slots_;
+    a.k_cache = k_cache_[layer].get();
+    a.v_cache = v_cache_[layer].get();
+    a.cache_dtype = spec_.dtype;
+    a.block_size = spec_.block_size;
+    a.k_scale = k_scale_[layer];
+    a.v_scale = v_scale_[layer];
+    Keep(cuda::LaunchQkvRopeKvWrite(a, stream()));
+  }
+
   void Attention(int layer, const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_heads,
                  int64_t num_kv_heads, int64_t head_dim, float scale, Tensor& out) override {
     if (!status_.ok()) return;
     const DType dt = spec_.dtype;
+    // SplitQkvRope already wrote this layer's K/V of this step.
+    const bool prewritten =
+        layer >= 0 && static_cast<size_t>(layer) < kv_prewritten_.size() && kv_prewritten_[layer];
+    if (prewritten) kv_prewritten_[layer] = false;
     if (IsFp8(dt) && scales_pending_[layer]) {
       // --calculate-kv-scales: this step's |K| / |V| maxima set the layer's scales (one
       // host round trip, on the first step only).
       if (!Keep(CalculateScales(layer, k, v))) return;
     }
-    if (!Replaying() &&
+    if (!Replaying() && !prewritten &&
         !Keep(cuda::LaunchKvWrite(k.raw(), v.raw(), k.dtype(), k.dim(0), num_kv_heads, head_dim,
                                   d_slots_, k_cache_[layer].get(), v_cache_[layer].get(), dt,
-                                  spec_.block_size, k_scale_[layer], v_scale_[layer],
-                                  stream()))) {
+                                  spec_.block_size, k_scale_[layer], v_scale_[layer], stream()))) {
       return;
     }
     cuda::PagedAttentionArgs a;
@@ -982,6 +1037,8 @@ class CudaBackend : public Backend {
   std::vector<DeviceBuffer> k_cache_, v_cache_;  // per layer [blocks, kv_heads, block_size, D]
   std::vector<float> k_scale_, v_scale_;
   std::vector<bool> scales_pending_;
+  // Per layer: SplitQkvRope wrote this step's K/V into the cache (Attention skips it).
+  std::vector<bool> kv_prewritten_;
 
   // CUDA graphs (see PrepareGraphStep).
   bool graphs_enabled_ = false;

@@ -7,8 +7,8 @@
 //     grid-stride loop (the grid is capped; a thread keeps going until the tensor is done);
 //   - RoPE: one thread per (token, head, pair i < head_dim / 2) rotating the pair
 //     (x[i], x[i + half]) in place; both elements belong to that thread only, so in-place use
-//     needs no barrier. cos/sin come from the accurate sincosf of the fp32 angle (the CPU takes
-//     them in double from the same fp32 angle; sincosf is within ~2 ulp, see the tests);
+//     needs no barrier; the rotation itself is rope.cuh's RopeRotatePair (shared with the
+//     fused q|k|v + RoPE + KV write kernel of attention.cu, so both give the same bits);
 //   - SiluMulPacked: as SiluMul, kVec elements of gate and the matching up elements per
 //     thread (16-byte accesses when cols and every pointer allow it);
 //   - SplitColumns: a copy in units of 16 bytes (uint4) when every part's row width in bytes
@@ -29,6 +29,7 @@
 #include "runtime/backend/cuda/device_convert.cuh"
 #include "runtime/backend/cuda/elementwise.h"
 #include "runtime/backend/cuda/pdl.cuh"
+#include "runtime/backend/cuda/rope.cuh"
 
 namespace qshard::cuda {
 namespace {
@@ -64,16 +65,12 @@ __global__ void RopeKernel(T* q, T* k, int64_t T_tokens, int q_heads, int kv_hea
     const int64_t th = idx / half;
     const int h = static_cast<int>(th % heads);
     const int64_t t = th / heads;
-    // __fmul_rn: the angle must be exactly the CPU's fp32 product (no contraction).
-    const float angle = __fmul_rn(static_cast<float>(positions[t]), inv_freq[i]);
-    float s, c;
-    sincosf(angle, &s, &c);
     T* row = h < q_heads ? q + (t * q_heads + h) * (2 * half)
                          : k + (t * kv_heads + (h - q_heads)) * (2 * half);
-    const float x1 = ToF32(row[i]);
-    const float x2 = ToF32(row[i + half]);
-    row[i] = FromF32<T>(x1 * c - x2 * s);
-    row[i + half] = FromF32<T>(x2 * c + x1 * s);
+    float y1, y2;
+    RopeRotatePair(positions[t], inv_freq[i], ToF32(row[i]), ToF32(row[i + half]), &y1, &y2);
+    row[i] = FromF32<T>(y1);
+    row[i + half] = FromF32<T>(y2);
   }
 }
 

@@ -5,15 +5,19 @@
 // steps cross a context bucket (256), so a second graph is captured on the way; halfway,
 // a 300-token prefill of a third sequence grows the kernels' shared scratch (activation
 // codes, split-K partials), which must retire the graphs that point at the old buffers.
-// The graph counters must show captures and replays. Skips without a GPU.
+// The graph counters must show captures and replays. The same steps also compare the
+// opt-in fused kernels with the separate launches they replace. Skips without a GPU.
 #include <cmath>
 #include <cstdio>
+#include <functional>
+#include <memory>
 #include <numeric>
 #include <string>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "runtime/backend/backend.h"
+#include "runtime/backend/cuda/attention.h"
 #include "runtime/backend/cuda/cuda_backend.h"
 #include "runtime/model/llama_model.h"
 #include "tests/runtime/model_cuda/small_model.h"
@@ -22,20 +26,28 @@
 namespace qshard {
 namespace {
 
-class CudaGraphTest : public ::testing::TestWithParam<std::string> {};
+// Two backends holding the same random model run the same steps: a prefill of two
+// sequences, 14 decode steps of both, and halfway a 300-token prefill of a third one.
+// Before every Forward of model i, before_forward(i) runs (it may flip process-wide
+// switches). The logits must be bitwise equal after every step.
+struct TwinRun {
+  std::unique_ptr<Backend> backends[2];
+  double worst = 0;  // normwise logits difference, over the decode steps
+  int decode_steps = 0;
+};
 
-TEST_P(CudaGraphTest, ReplayedDecodeStepsMatchEager) {
-  auto eager_backend = CreateBackend("cuda");
-  if (!eager_backend.ok()) GTEST_SKIP() << "no usable GPU: " << eager_backend.status().message();
-  auto graph_backend = CreateBackend("cuda");
-  ASSERT_TRUE(graph_backend.ok()) << graph_backend.status();
-  ASSERT_TRUE(SetCudaGraphs(**eager_backend, false).ok());
-  ASSERT_TRUE(SetCudaGraphs(**graph_backend, true).ok());
+void RunTwins(const std::string& format, const bool graphs[2],
+              const std::function<void(int)>& before_forward, TwinRun* run) {
+  for (int i = 0; i < 2; ++i) {
+    auto b = CreateBackend("cuda");
+    if (!b.ok()) GTEST_SKIP() << "no usable GPU: " << b.status().message();
+    run->backends[i] = std::move(*b);
+    ASSERT_TRUE(SetCudaGraphs(*run->backends[i], graphs[i]).ok());
+  }
   const ModelConfig shape = testing::SmallGpuTestShape(1024);
   std::unique_ptr<LlamaModel> models[2];
-  Backend* backends[2] = {eager_backend->get(), graph_backend->get()};
   for (int i = 0; i < 2; ++i) {
-    auto m = LlamaModel::CreateDummy(shape, GetParam(), backends[i], 7);
+    auto m = LlamaModel::CreateDummy(shape, format, run->backends[i].get(), 7);
     ASSERT_TRUE(m.ok()) << m.status();
     models[i] = std::move(*m);
     KvCacheSpec spec;
@@ -62,24 +74,28 @@ TEST_P(CudaGraphTest, ReplayedDecodeStepsMatchEager) {
   for (int i = 0; i < 2; ++i) {
     std::vector<SequenceChunk> prefill = {{a, 0, ta, LogitsMode::kLast},
                                           {b, 0, tb, LogitsMode::kLast}};
+    before_forward(i);
     ASSERT_TRUE(models[i]->Forward(prefill, &logits[i]).ok());
   }
+  ASSERT_EQ(logits[0], logits[1]) << format << ": the first prefill";
   constexpr int kSteps = 14;
-  double worst = 0;
+  run->decode_steps = kSteps;
   for (int step = 0; step < kSteps; ++step) {
     const std::vector<int32_t> na = {ids(1, 100 + step)[0]}, nb = {ids(1, 200 + step)[0]};
     if (step == kSteps / 2) {
       for (int i = 0; i < 2; ++i) {
         std::vector<SequenceChunk> prefill = {{c, 0, tc, LogitsMode::kLast}};
+        before_forward(i);
         ASSERT_TRUE(models[i]->Forward(prefill, &logits[i]).ok());
       }
-      ASSERT_EQ(logits[0], logits[1]) << "the prefill between the decode steps";
+      ASSERT_EQ(logits[0], logits[1]) << format << ": the prefill between the decode steps";
     }
     for (int i = 0; i < 2; ++i) {
       std::vector<SequenceChunk> decode = {{na, 250 + step, ta, LogitsMode::kLast},
                                            {nb, 30 + step, tb, LogitsMode::kLast}};
+      before_forward(i);
       const absl::Status st = models[i]->Forward(decode, &logits[i]);
-      ASSERT_TRUE(st.ok()) << "step " << step << (i ? " (graphs)" : " (eager)") << ": " << st;
+      ASSERT_TRUE(st.ok()) << "step " << step << " (model " << i << "): " << st;
     }
     ASSERT_EQ(logits[0].size(), logits[1].size());
     double d = 0, w = 0;
@@ -89,20 +105,46 @@ TEST_P(CudaGraphTest, ReplayedDecodeStepsMatchEager) {
       w += double(logits[0][j]) * logits[0][j];
     }
     const double err = std::sqrt(d / w);
-    worst = std::max(worst, err);
-    EXPECT_EQ(err, 0.0) << GetParam() << " decode step " << step;
+    run->worst = std::max(run->worst, err);
+    EXPECT_EQ(err, 0.0) << format << " decode step " << step;
   }
-  const auto [captures, replays] = CudaGraphStats(*backends[1]);
-  std::printf("[ %s: %lld graphs captured, %lld replays over %d decode steps, worst normwise "
-              "difference %.3g ]\n",
-              GetParam().c_str(), static_cast<long long>(captures),
-              static_cast<long long>(replays), kSteps, worst);
+}
+
+class CudaGraphTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CudaGraphTest, ReplayedDecodeStepsMatchEager) {
+  TwinRun run;
+  const bool graphs[2] = {false, true};
+  ASSERT_NO_FATAL_FAILURE(RunTwins(
+      GetParam(), graphs, [](int) {}, &run));
+  if (run.backends[1] == nullptr) return;  // skipped
+  const auto [captures, replays] = CudaGraphStats(*run.backends[1]);
+  std::printf(
+      "[ %s: %lld graphs captured, %lld replays over %d decode steps, worst normwise "
+      "difference %.3g ]\n",
+      GetParam().c_str(), static_cast<long long>(captures), static_cast<long long>(replays),
+      run.decode_steps, run.worst);
   // One shape per context bucket (2 buckets), each captured on its second step, and again
   // after the prefill when it grew the shared scratch.
   EXPECT_GE(captures, 2);
   EXPECT_LE(captures, 3);
-  EXPECT_GE(replays, kSteps - 6);
-  EXPECT_EQ(CudaGraphStats(*backends[0]).first, 0);
+  EXPECT_GE(replays, run.decode_steps - 6);
+  EXPECT_EQ(CudaGraphStats(*run.backends[0]).first, 0);
+}
+
+// The fused kernels that are off by default (cuda::SetFusedRopeKvWrite: q|k|v split + RoPE
+// + KV write in one launch) against the separate launches: model 0 runs eagerly with them
+// off, model 1 with them on and with graphs (so their capture is covered too).
+TEST_P(CudaGraphTest, FusedDecodeKernelsMatchSeparate) {
+  const bool saved = cuda::FusedRopeKvWriteEnabled();
+  TwinRun run;
+  const bool graphs[2] = {false, true};
+  RunTwins(
+      GetParam(), graphs, [](int i) { cuda::SetFusedRopeKvWrite(i == 1); }, &run);
+  cuda::SetFusedRopeKvWrite(saved);
+  if (run.backends[1] == nullptr) return;  // skipped
+  std::printf("[ %s: fused vs separate, worst normwise difference %.3g ]\n", GetParam().c_str(),
+              run.worst);
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, CudaGraphTest,
