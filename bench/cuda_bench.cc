@@ -15,9 +15,11 @@
 //   - one prefill of --prefill tokens, with the CUDA-core and the tensor-core prefill
 //     attention kernels;
 //   - the same decode steps with the tokens sampled on the GPU (greedy; only the ids come
-//     back, as the engine does by default), then also replayed from CUDA graphs, with and
-//     without programmatic dependent launch (--no-graphs skips these passes; a failure
-//     there is reported in the row and does not fail the run);
+//     back, as the engine does by default), then also replayed from CUDA graphs, and that
+//     again with the opt-in fused kernels on ("+fused": q|k|v split + RoPE + KV write in
+//     one launch, attention's split combine inside the attention kernel; QSHARD_CUDA_
+//     FUSED_ROPE_KV / _FUSED_COMBINE) (--no-graphs skips these passes; a failure there is
+//     reported in the row and does not fail the run);
 //   - --sweep-splits: all decoder linears at M = 1 and 16 for several K-split targets
 //     (blocks per SM) of the quantized kernels, printed under the format's row.
 //
@@ -334,15 +336,18 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
     for (SamplingRow& row : rows) row.temperature = 0.0f;
     std::vector<SampledToken> sampled;
     // The same decode steps four ways: logits to the host (pass 0), sampled on the GPU
-    // (1), sampled on the GPU with the step replayed from a CUDA graph (2), and that
-    // without programmatic dependent launch (3). Each pass rewrites the same cache
-    // positions, which is fine for timing.
-    const bool pdl = cuda::ProgrammaticLaunchEnabled();
+    // (1), sampled on the GPU with the step replayed from a CUDA graph (2), all three with
+    // the process's settings, and (3) pass 2 with the opt-in fused kernels on (q|k|v split
+    // + RoPE + KV write in one launch; attention's split combine inside the attention
+    // kernel). Each pass rewrites the same cache positions, which is fine for timing.
+    const bool fused_rope = cuda::FusedRopeKvWriteEnabled();
+    const bool fused_combine = cuda::FusedSplitCombineEnabled();
     for (int pass = 0; pass < 4; ++pass) {
       if (pass > 0 && !with_graphs) break;
       QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, false));  // drops the graphs
       QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, pass >= 2));
-      cuda::SetProgrammaticLaunch(pass == 3 ? false : pdl);
+      cuda::SetFusedRopeKvWrite(pass == 3 || fused_rope);
+      cuda::SetFusedSplitCombine(pass == 3 || fused_combine);
       std::vector<double> times;
       absl::Status st;
       for (int64_t step = 0; step < steps && st.ok(); ++step) {
@@ -371,7 +376,8 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
       }
     }
     QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, false));
-    cuda::SetProgrammaticLaunch(pdl);
+    cuda::SetFusedRopeKvWrite(fused_rope);
+    cuda::SetFusedSplitCombine(fused_combine);
   }
 
   if (prefill > 0) {
@@ -496,11 +502,13 @@ int Main(int argc, char** argv) {
   std::printf("baselines (same run): device-to-device copy %.2f TB/s (read + write); "
               "cuBLASLt bf16 8192^3 %.0f TFLOP/s\n",
               *bw / 1e12, *tflops);
-  std::printf("decode: context %lld tokens, median of %lld steps, logits to the host each step "
-              "(gpu-sample: greedy on the GPU, ids to the host; +graphs: also CUDA graphs); "
-              "prefill: one %lld-token prompt\n\n",
-              static_cast<long long>(context), static_cast<long long>(steps - 2),
-              static_cast<long long>(prefill));
+  std::printf(
+      "decode: context %lld tokens, median of %lld steps, logits to the host each step "
+      "(gpu-sample: greedy on the GPU, ids to the host; +graphs: also CUDA graphs; "
+      "+fused: also the opt-in fused RoPE/KV-write and attention combine); "
+      "prefill: one %lld-token prompt\n\n",
+      static_cast<long long>(context), static_cast<long long>(steps - 2),
+      static_cast<long long>(prefill));
   std::printf("| format | kernel | weights GB/token | roofline b1 tok/s | linears M=1 ms (TB/s) "
               "| linears M=16 ms (TB/s) |");
   for (int64_t B : batches) std::printf(" decode b%lld tok/s |", static_cast<long long>(B));
@@ -509,7 +517,7 @@ int Main(int argc, char** argv) {
     for (int64_t B : batches) std::printf(" gpu-sample b%lld tok/s |", static_cast<long long>(B));
     for (int64_t B : batches) std::printf(" +graphs b%lld tok/s |", static_cast<long long>(B));
     for (int64_t B : batches) {
-      std::printf(" +graphs no-PDL b%lld tok/s |", static_cast<long long>(B));
+      std::printf(" +graphs +fused b%lld tok/s |", static_cast<long long>(B));
     }
     std::printf(" +graphs b1 / roofline | linears M=1 no-PDL ms |");
   }

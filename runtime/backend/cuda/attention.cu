@@ -284,7 +284,31 @@ struct AttnParams {
   int split_len;      // positions per split (multiple of kTile)
   float* ws_acc;      // [splits, T, H, D] unnormalized partial outputs
   float* ws_ml;       // [splits, T, H, 2] running max, sum
+  // Non-null: the splits of a CTA column are combined by the last of them to finish (one
+  // ticket per (blockIdx.x, blockIdx.y), zero on entry and left zero), not by
+  // SplitCombineKernel.
+  int* split_counters;
 };
+
+// Output element d of row `row` (= t * H + h) from the splits' partials:
+// out = sum_z acc_z e^(m_z - M) / sum_z l_z e^(m_z - M), M = max_z m_z, in split order (so
+// the result does not depend on which split finished first). Reads through L2 (__ldcg):
+// the in-kernel combine reads partials that other CTAs wrote during the same launch.
+__device__ __forceinline__ float CombineSplits(const float* ws_acc, const float* ws_ml,
+                                               int num_splits, int64_t rows, int64_t row, int D,
+                                               int d) {
+  float M = -INFINITY;
+  for (int z = 0; z < num_splits; ++z) M = fmaxf(M, __ldcg(ws_ml + 2 * (z * rows + row)));
+  float L = 0.0f, a = 0.0f;
+  for (int z = 0; z < num_splits; ++z) {
+    const float mz = __ldcg(ws_ml + 2 * (z * rows + row));
+    if (mz == -INFINITY) continue;  // an empty split (past this token's context)
+    const float w = expf(mz - M);
+    L = fmaf(__ldcg(ws_ml + 2 * (z * rows + row) + 1), w, L);
+    a = fmaf(__ldcg(ws_acc + (z * rows + row) * D + d), w, a);
+  }
+  return a / L;
+}
 
 // Register budget via __launch_bounds__(256, min blocks): decode kernels (RPW = 1) are small
 // and latency-bound, so they are held to ~80 registers (3 x 256 threads per SM) for
@@ -501,6 +525,38 @@ __global__ void __launch_bounds__(256, kMinBlocks<kKind, RPW>) PagedAttentionKer
       }
     }
   }
+  if (p.num_splits == 1 || p.split_counters == nullptr) return;
+
+  // In-kernel combine: the last split of this CTA column to finish combines the column's
+  // rows (the other splits' partials are complete and visible once their tickets are in:
+  // each fenced its stores before taking one) and puts the ticket back to zero for the
+  // next launch. The same arithmetic in the same order as SplitCombineKernel: same bits.
+  __shared__ int is_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* ticket = p.split_counters + blockIdx.y * gridDim.x + blockIdx.x;
+    is_last = atomicAdd(ticket, 1) == static_cast<int>(gridDim.z) - 1;
+    if (is_last) *ticket = 0;
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  const int64_t rows_total = static_cast<int64_t>(p.num_tokens) * p.num_heads;
+#pragma unroll
+  for (int i = 0; i < RPW; ++i) {
+    const int r = warp * RPW + i;
+    if (r >= nrows) continue;
+    const int t = tok0 + r / gc;
+    const int h = head_base + r % gc;
+    const int64_t row = static_cast<int64_t>(t) * p.num_heads + h;
+#pragma unroll
+    for (int c = 0; c < kDimsPerLane; ++c) {
+      const int d = lane + 32 * c;
+      StoreAct(p.out, row * D + d,
+               CombineSplits(p.ws_acc, p.ws_ml, p.num_splits, rows_total, row, D, d), p.act_bf16);
+    }
+  }
 }
 
 // grid: T * H; block: D threads (one output dim each). Combines the splits' partials.
@@ -510,17 +566,7 @@ __global__ void SplitCombineKernel(const float* __restrict__ ws_acc, const float
   PdlLaunchDependents();
   const int64_t row = blockIdx.x;  // t * H + h
   const int d = threadIdx.x;
-  float M = -INFINITY;
-  for (int z = 0; z < num_splits; ++z) M = fmaxf(M, ws_ml[2 * (z * rows + row)]);
-  float L = 0.0f, a = 0.0f;
-  for (int z = 0; z < num_splits; ++z) {
-    const float mz = ws_ml[2 * (z * rows + row)];
-    if (mz == -INFINITY) continue;  // an empty split (past this token's context)
-    const float w = expf(mz - M);
-    L = fmaf(ws_ml[2 * (z * rows + row) + 1], w, L);
-    a = fmaf(ws_acc[(z * rows + row) * D + d], w, a);
-  }
-  StoreAct(out, row * D + d, a / L, act_bf16);
+  StoreAct(out, row * D + d, CombineSplits(ws_acc, ws_ml, num_splits, rows, row, D, d), act_bf16);
 }
 
 // ---------------------------------------------------------------------------
@@ -575,6 +621,14 @@ std::atomic<bool>& TensorCorePrefillFlag() {
   static std::atomic<bool> flag([] {
     const char* env = std::getenv("QSHARD_CUDA_TC_ATTENTION");
     return env == nullptr || std::string(env) != "0";
+  }());
+  return flag;
+}
+
+std::atomic<bool>& FusedCombineFlag() {
+  static std::atomic<bool> flag([] {
+    const char* env = std::getenv("QSHARD_CUDA_FUSED_COMBINE");
+    return env != nullptr && std::string(env) == "1";
   }());
   return flag;
 }
@@ -718,8 +772,17 @@ absl::Status LaunchQkvRopeKvWrite(const QkvRopeKvWriteArgs& a, cudaStream_t stre
   });
 }
 
+void SetFusedSplitCombine(bool on) { FusedCombineFlag().store(on, std::memory_order_relaxed); }
+bool FusedSplitCombineEnabled() { return FusedCombineFlag().load(std::memory_order_relaxed); }
+
 void SetFusedRopeKvWrite(bool on) { FusedRopeKvFlag().store(on, std::memory_order_relaxed); }
 bool FusedRopeKvWriteEnabled() { return FusedRopeKvFlag().load(std::memory_order_relaxed); }
+
+int64_t PagedAttentionSplitTickets(int64_t num_seqs, int64_t num_heads) {
+  // Decode grids are (S, KVH * subgroups) with KVH * subgroups <= H (a subgroup holds at
+  // least one query head).
+  return std::max<int64_t>(num_seqs, 0) * std::max<int64_t>(num_heads, 0);
+}
 
 int64_t PagedAttentionWorkspaceBytes(int64_t num_tokens, int64_t num_heads, int64_t head_dim,
                                      int64_t max_context_len) {
@@ -839,6 +902,13 @@ absl::Status LaunchPagedAttention(const PagedAttentionArgs& a, cudaStream_t stre
   const dim3 grid(static_cast<unsigned>(a.num_seqs * p.q_tiles),
                   static_cast<unsigned>(a.num_kv_heads * p.subgroups),
                   static_cast<unsigned>(splits));
+  // The splits combined in the attention kernel itself when the caller gave enough tickets
+  // (and the switch is on); else by SplitCombineKernel, a second launch.
+  p.split_counters = nullptr;
+  if (splits > 1 && FusedSplitCombineEnabled() && a.split_counters != nullptr &&
+      a.split_counters_len >= static_cast<int64_t>(grid.x) * grid.y) {
+    p.split_counters = a.split_counters;
+  }
   const absl::Status st = DispatchKind(kind, [&](auto tag) -> absl::Status {
     constexpr int kK = decltype(tag)::value;
     if (a.head_dim == 64) {
@@ -848,7 +918,7 @@ absl::Status LaunchPagedAttention(const PagedAttentionArgs& a, cudaStream_t stre
     return decode ? LaunchAttentionKernel<kK, 128, 1>(p, grid, warps, stream)
                   : LaunchAttentionKernel<kK, 128, 4>(p, grid, warps, stream);
   });
-  if (!st.ok() || splits == 1) return st;
+  if (!st.ok() || splits == 1 || p.split_counters != nullptr) return st;
   (void)LaunchPdl(SplitCombineKernel, dim3(static_cast<unsigned>(a.num_tokens * a.num_heads)),
                   dim3(static_cast<unsigned>(a.head_dim)), 0, stream, p.ws_acc, p.ws_ml,
                   p.num_splits, a.num_tokens * a.num_heads, static_cast<int>(a.head_dim), a.out,

@@ -61,6 +61,13 @@ struct QkvRopeKvWriteArgs {
 };
 absl::Status LaunchQkvRopeKvWrite(const QkvRopeKvWriteArgs& args, cudaStream_t stream);
 
+// Process-wide switch for the in-kernel split combine of LaunchPagedAttention (see
+// PagedAttentionArgs::split_counters). Off by default until a GPU run has verified it (the
+// op test compares it bit for bit with the separate combine); QSHARD_CUDA_FUSED_COMBINE=1
+// in the environment at first use turns it on. Thread-safe; read at every launch.
+void SetFusedSplitCombine(bool on);
+bool FusedSplitCombineEnabled();
+
 // Process-wide switch for the CUDA backend's use of LaunchQkvRopeKvWrite (Backend::
 // SplitQkvRope). Off by default until a GPU run has verified it (the op test compares it
 // bit for bit with the three separate launches); QSHARD_CUDA_FUSED_ROPE_KV=1 in the
@@ -108,7 +115,18 @@ struct PagedAttentionArgs {
   // bytes, 16-byte aligned. May be null with 0 bytes: the launcher then runs unsplit.
   void* workspace = nullptr;
   int64_t workspace_bytes = 0;
+
+  // Optional: tickets that let the split-K decode combine its splits inside the attention
+  // kernel (one launch instead of two; used when FusedSplitCombineEnabled()). Device int32
+  // array, all zero on entry (the kernel leaves it zero), at least
+  // PagedAttentionSplitTickets(num_seqs, num_heads) entries; else the combine is a second
+  // launch. Launches that share tickets must be ordered (one stream).
+  int32_t* split_counters = nullptr;
+  int64_t split_counters_len = 0;
 };
+
+// Tickets a decode step of num_seqs sequences may need (see split_counters).
+int64_t PagedAttentionSplitTickets(int64_t num_seqs, int64_t num_heads);
 
 // Bytes of workspace that LaunchPagedAttention may use for a step with these sizes (an upper
 // bound: the split count is chosen at launch from the batch size and the GPU's SM count).

@@ -749,9 +749,30 @@ class CudaBackend : public Backend {
       auto ws = arena_.Get(static_cast<size_t>(a.workspace_bytes));
       if (!Keep(ws.status())) return;
       a.workspace = *ws;
+      if (cuda::FusedSplitCombineEnabled() && !Keep(EnsureSplitTickets(a.num_seqs, num_heads))) {
+        return;
+      }
+      a.split_counters = split_tickets_.as<int32_t>();
+      a.split_counters_len = split_tickets_len_;
     }
     if (Replaying()) return;
     Keep(cuda::LaunchPagedAttention(a, stream()));
+  }
+
+  // Zeroed tickets for the in-kernel split combine of attention (cuda::PagedAttentionArgs::
+  // split_counters), grown (never during a graph capture: LaunchPagedAttention then falls
+  // back to the separate combine) to what a step of `seqs` sequences may need.
+  absl::Status EnsureSplitTickets(int64_t seqs, int64_t num_heads) {
+    const int64_t need = cuda::PagedAttentionSplitTickets(seqs, num_heads);
+    if (need <= split_tickets_len_ || mode_ == StepMode::kCapture) return absl::OkStatus();
+    const int64_t len = std::max<int64_t>(need, 2 * split_tickets_len_);
+    QSHARD_ASSIGN_OR_RETURN(DeviceBuffer buf,
+                            DeviceBuffer::Allocate(static_cast<size_t>(len) * sizeof(int32_t)));
+    QSHARD_RETURN_IF_ERROR(buf.Fill(0, stream()));
+    split_tickets_ = std::move(buf);
+    split_tickets_len_ = len;
+    ++resources_;  // captured graphs point at the old tickets
+    return absl::OkStatus();
   }
 
   void SiluMul(const Tensor& gate, const Tensor& up, Tensor& out) override {
@@ -1037,6 +1058,8 @@ class CudaBackend : public Backend {
   std::vector<DeviceBuffer> k_cache_, v_cache_;  // per layer [blocks, kv_heads, block_size, D]
   std::vector<float> k_scale_, v_scale_;
   std::vector<bool> scales_pending_;
+  DeviceBuffer split_tickets_;  // int32 [split_tickets_len_], zero between launches
+  int64_t split_tickets_len_ = 0;
   // Per layer: SplitQkvRope wrote this step's K/V into the cache (Attention skips it).
   std::vector<bool> kv_prewritten_;
 

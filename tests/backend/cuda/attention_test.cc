@@ -426,6 +426,40 @@ void CudaAttentionTest::RunCase(const AttnCase& c, uint32_t seed) {
     QSHARD_ASSERT_OK(d_out2->CopyToHost(second.data(), out_bytes, st));
     EXPECT_TRUE(first == second) << what << ": planned for context " << b.max_context_len
                                  << " instead of " << max_ctx << ", the output differs";
+
+    // 4) Decode with the splits combined inside the attention kernel (tickets given,
+    // switch on): the same bits as the separate combine, twice in a row (the kernel must
+    // leave its tickets at zero for the next launch; a ticket left behind would make the
+    // second launch's last split miss its turn and leave the poisoned output).
+    const bool fused_before = FusedSplitCombineEnabled();
+    SetFusedSplitCombine(true);
+    const int64_t tickets = PagedAttentionSplitTickets(S, H);
+    std::vector<int32_t> zeros(tickets, 0);
+    auto d_tickets = UploadBytes(zeros.data(), zeros.size() * 4, st);
+    ASSERT_TRUE(d_tickets.ok());
+    for (int rep = 0; rep < 2; ++rep) {
+      auto d_out3 = PoisonedBytes(out_bytes, st);
+      ASSERT_TRUE(d_out3.ok());
+      PagedAttentionArgs f = a;
+      f.out = d_out3->get();
+      f.split_counters = d_tickets->as<int32_t>();
+      f.split_counters_len = tickets;
+      const absl::Status launched = LaunchPagedAttention(f, st);
+      std::vector<uint8_t> fused(out_bytes);
+      std::vector<int32_t> left(tickets);
+      const absl::Status copied = d_out3->CopyToHost(fused.data(), out_bytes, st);
+      const absl::Status copied2 = d_tickets->CopyToHost(left.data(), left.size() * 4, st);
+      SetFusedSplitCombine(fused_before);
+      QSHARD_ASSERT_OK(launched);
+      QSHARD_ASSERT_OK(copied);
+      QSHARD_ASSERT_OK(copied2);
+      SetFusedSplitCombine(true);
+      EXPECT_TRUE(fused == first) << what << ": in-kernel split combine, launch " << rep
+                                  << ", differs from the separate combine";
+      EXPECT_TRUE(std::all_of(left.begin(), left.end(), [](int32_t x) { return x == 0; }))
+          << what << ": tickets not back to zero after launch " << rep;
+    }
+    SetFusedSplitCombine(fused_before);
   }
 }
 

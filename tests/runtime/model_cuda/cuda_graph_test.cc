@@ -133,15 +133,21 @@ TEST_P(CudaGraphTest, ReplayedDecodeStepsMatchEager) {
 }
 
 // The fused kernels that are off by default (cuda::SetFusedRopeKvWrite: q|k|v split + RoPE
-// + KV write in one launch) against the separate launches: model 0 runs eagerly with them
-// off, model 1 with them on and with graphs (so their capture is covered too).
+// + KV write in one launch; cuda::SetFusedSplitCombine: attention's split combine inside
+// the attention kernel) against the separate launches: model 0 runs eagerly with them off,
+// model 1 with them on and with graphs (so their capture is covered too).
 TEST_P(CudaGraphTest, FusedDecodeKernelsMatchSeparate) {
-  const bool saved = cuda::FusedRopeKvWriteEnabled();
+  const bool saved_rope = cuda::FusedRopeKvWriteEnabled();
+  const bool saved_combine = cuda::FusedSplitCombineEnabled();
+  const auto fused = [](int i) {
+    cuda::SetFusedRopeKvWrite(i == 1);
+    cuda::SetFusedSplitCombine(i == 1);
+  };
   TwinRun run;
   const bool graphs[2] = {false, true};
-  RunTwins(
-      GetParam(), graphs, [](int i) { cuda::SetFusedRopeKvWrite(i == 1); }, &run);
-  cuda::SetFusedRopeKvWrite(saved);
+  RunTwins(GetParam(), graphs, fused, &run);
+  cuda::SetFusedRopeKvWrite(saved_rope);
+  cuda::SetFusedSplitCombine(saved_combine);
   if (run.backends[1] == nullptr) return;  // skipped
   std::printf("[ %s: fused vs separate, worst normwise difference %.3g ]\n", GetParam().c_str(),
               run.worst);
