@@ -21,7 +21,9 @@
 //     FUSED_ROPE_KV / _FUSED_COMBINE) (--no-graphs skips these passes; a failure there is
 //     reported in the row and does not fail the run);
 //   - --sweep-splits: all decoder linears at M = 1 and 16 for several K-split targets
-//     (blocks per SM) of the quantized kernels, printed under the format's row.
+//     (blocks per SM) of the quantized kernels, and "+graphs +fused" decode at the first
+//     batch size for several attention split lengths (cuda::SetAttentionMinSplitLen),
+//     printed under the format's row.
 //
 //   qshard_cuda_bench [--shape llama-3.1-8b] [--formats bf16,fp8,gptq-4bit,awq-4bit]
 //                     [--batches 1,8,32,64] [--context 256] [--steps 16] [--prefill 2048]
@@ -39,6 +41,11 @@
 // q, k, v, o, gate, up, down in a range "linears-unfused"):
 //   ncu --nvtx --nvtx-include "linears/" qshard_cuda_bench --formats fp8 --layers 1 --profile 1
 // (scripts/device-check.sh does this when ncu is there).
+//
+// --profile-step B instead runs, per format, one eager decode step of B sequences at
+// --context tokens inside an NVTX range "step" (every kernel of the step, launched one by
+// one) and exits: scripts/device-check.sh sums ncu's per-kernel durations of it by kernel,
+// to show where a decode step's time goes besides the linears.
 #include <cuda_runtime_api.h>
 #include <nvtx3/nvToolsExt.h>
 
@@ -151,7 +158,7 @@ struct FormatResult {
   std::map<int64_t, double> linear_ms;  // M -> all decoder linears, ms
   std::map<int64_t, double> decode_tps;  // batch -> tokens/s
   // batch -> tokens/s sampling on the GPU, eager [0], replayed from CUDA graphs [1], and
-  // from graphs without programmatic dependent launch [2] (0: failed, see fast_error).
+  // from graphs with the opt-in fused kernels on [2] (0: failed, see fast_error).
   std::map<int64_t, double> fast_tps[3];
   double linear_ms_no_pdl = 0;  // all decoder linears at M = 1 with QSHARD_CUDA_PDL=0
   struct SweepPoint {
@@ -160,6 +167,11 @@ struct FormatResult {
     double ms;
   };
   std::vector<SweepPoint> sweep;  // --sweep-splits: all decoder linears per K-split target
+  struct AttnSweepPoint {
+    int64_t min_split_len, batch;
+    double tps;  // +graphs +fused decode (0: failed)
+  };
+  std::vector<AttnSweepPoint> attn_sweep;  // --sweep-splits: attention split length
   std::string fast_error;
   double prefill_tps = 0;
   double prefill_tc_tps = 0;  // with the tensor-core prefill attention (0: failed)
@@ -249,6 +261,91 @@ absl::Status ProfileLinears(const ModelConfig& shape, const std::string& format,
   return absl::OkStatus();
 }
 
+constexpr int64_t kBenchBlockSize = 16;
+
+// Token id i of the synthetic prompts and decode inputs (never the special ids 0..2).
+int32_t BenchToken(int64_t i, int64_t vocab) {
+  return static_cast<int32_t>(3 + (i * 7919) % (vocab - 3));
+}
+
+// A bf16 KV cache for max_batch sequences of up to seq_tokens tokens each (sequence s owns
+// blocks [s * blocks_per_seq, (s + 1) * blocks_per_seq)), or one prompt of `prefill`
+// tokens. Returns blocks_per_seq.
+absl::StatusOr<int64_t> AllocateBenchCache(LlamaModel& model, int64_t max_batch, int64_t seq_tokens,
+                                           int64_t prefill) {
+  const ModelConfig& shape = model.config();
+  const int64_t blocks_per_seq = (seq_tokens + kBenchBlockSize - 1) / kBenchBlockSize;
+  KvCacheSpec spec;
+  spec.num_layers = shape.num_layers;
+  spec.num_kv_heads = shape.num_kv_heads;
+  spec.head_dim = shape.head_dim;
+  spec.block_size = kBenchBlockSize;
+  spec.dtype = DType::kBF16;
+  spec.num_blocks =
+      std::max(max_batch * blocks_per_seq, (prefill + kBenchBlockSize - 1) / kBenchBlockSize);
+  QSHARD_RETURN_IF_ERROR(model.AllocateKvCache(spec));
+  return blocks_per_seq;
+}
+
+// Prefills `context` synthetic tokens for each of B sequences (a few per step: bounded
+// activation memory) and returns their block tables.
+absl::StatusOr<std::vector<std::vector<int32_t>>> FillContexts(LlamaModel& model, int64_t B,
+                                                               int64_t context,
+                                                               int64_t blocks_per_seq) {
+  const int64_t vocab = model.config().vocab_size;
+  std::vector<std::vector<int32_t>> tables(B), prompts(B);
+  for (int64_t s = 0; s < B; ++s) {
+    for (int64_t blk = 0; blk < blocks_per_seq; ++blk) {
+      tables[s].push_back(static_cast<int32_t>(s * blocks_per_seq + blk));
+    }
+    for (int64_t i = 0; i < context; ++i) prompts[s].push_back(BenchToken(s * 131 + i, vocab));
+  }
+  std::vector<float> logits;
+  for (int64_t s0 = 0; s0 < B; s0 += 8) {
+    std::vector<SequenceChunk> part;
+    for (int64_t s = s0; s < std::min(B, s0 + 8); ++s) {
+      part.push_back({prompts[s], 0, tables[s], LogitsMode::kLast});
+    }
+    QSHARD_RETURN_IF_ERROR(model.Forward(part, &logits));
+  }
+  return tables;
+}
+
+// --profile-step: one eager decode step of `batch` sequences at `context` tokens (after a
+// warm-up step), every kernel launched on its own (no graph), inside the NVTX range "step",
+// with the process's kernel settings (QSHARD_CUDA_* switches), logits to the host.
+absl::Status ProfileStep(const ModelConfig& shape, const std::string& format, int64_t batch,
+                         int64_t context) {
+  QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, CreateCudaBackend());
+  QSHARD_ASSIGN_OR_RETURN(std::unique_ptr<LlamaModel> model,
+                          LlamaModel::CreateDummy(shape, format, backend.get(), 1234));
+  QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, false));
+  QSHARD_ASSIGN_OR_RETURN(const int64_t blocks_per_seq,
+                          AllocateBenchCache(*model, batch, context + 2, 0));
+  QSHARD_ASSIGN_OR_RETURN(const std::vector<std::vector<int32_t>> tables,
+                          FillContexts(*model, batch, context, blocks_per_seq));
+  std::vector<int32_t> next(batch);
+  std::vector<SequenceChunk> chunks(batch);
+  std::vector<float> logits;
+  for (int step = 0; step < 2; ++step) {
+    for (int64_t s = 0; s < batch; ++s) {
+      next[s] = BenchToken(step * 17 + s, shape.vocab_size);
+      chunks[s] = {absl::Span<const int32_t>(&next[s], 1), static_cast<int32_t>(context + step),
+                   tables[s], LogitsMode::kLast};
+    }
+    BENCH_CUDA(cudaDeviceSynchronize());
+    if (step == 1) nvtxRangePushA("step");
+    const absl::Status st = model->Forward(chunks, &logits);
+    BENCH_CUDA(cudaDeviceSynchronize());
+    if (step == 1) nvtxRangePop();
+    QSHARD_RETURN_IF_ERROR(st);
+  }
+  std::printf("%s: one decode step, batch %lld, context %lld, %s\n", format.c_str(),
+              static_cast<long long>(batch), static_cast<long long>(context),
+              model->DecoderLinears(0).front()->kernel_name().c_str());
+  return absl::OkStatus();
+}
+
 // One format's measurements with the projections fused or not as `load` says; prefill 0
 // skips the prefill (the unfused baseline).
 absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
@@ -298,39 +395,15 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
     r.linear_ms_no_pdl = *ms;
   }
 
-  // KV cache for the largest batch and the prefill.
-  const int64_t bs = 16;
   const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
-  const int64_t blocks_per_seq = (context + steps + bs - 1) / bs;
-  KvCacheSpec spec;
-  spec.num_layers = shape.num_layers;
-  spec.num_kv_heads = shape.num_kv_heads;
-  spec.head_dim = shape.head_dim;
-  spec.block_size = bs;
-  spec.dtype = DType::kBF16;
-  spec.num_blocks = std::max(max_batch * blocks_per_seq, (prefill + bs - 1) / bs);
-  QSHARD_RETURN_IF_ERROR(model->AllocateKvCache(spec));
-
-  const int64_t vocab = shape.vocab_size;
-  auto token = [&](int64_t i) { return static_cast<int32_t>(3 + (i * 7919) % (vocab - 3)); };
+  QSHARD_ASSIGN_OR_RETURN(const int64_t blocks_per_seq,
+                          AllocateBenchCache(*model, max_batch, context + steps, prefill));
+  auto token = [&](int64_t i) { return BenchToken(i, shape.vocab_size); };
   std::vector<float> logits;
   for (int64_t B : batches) {
-    std::vector<std::vector<int32_t>> tables(B), prompts(B);
-    for (int64_t s = 0; s < B; ++s) {
-      for (int64_t blk = 0; blk < blocks_per_seq; ++blk) {
-        tables[s].push_back(static_cast<int32_t>(s * blocks_per_seq + blk));
-      }
-      for (int64_t i = 0; i < context; ++i) prompts[s].push_back(token(s * 131 + i));
-    }
+    QSHARD_ASSIGN_OR_RETURN(const std::vector<std::vector<int32_t>> tables,
+                            FillContexts(*model, B, context, blocks_per_seq));
     std::vector<SequenceChunk> chunks(B);
-    // Contexts, a few sequences per step (bounded activation memory).
-    for (int64_t s0 = 0; s0 < B; s0 += 8) {
-      std::vector<SequenceChunk> part;
-      for (int64_t s = s0; s < std::min(B, s0 + 8); ++s) {
-        part.push_back({prompts[s], 0, tables[s], LogitsMode::kLast});
-      }
-      QSHARD_RETURN_IF_ERROR(model->Forward(part, &logits));
-    }
     std::vector<int32_t> next(B);
     std::vector<SamplingRow> rows(B);  // greedy, like the engine's temperature-0 requests
     for (SamplingRow& row : rows) row.temperature = 0.0f;
@@ -342,15 +415,14 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
     // kernel). Each pass rewrites the same cache positions, which is fine for timing.
     const bool fused_rope = cuda::FusedRopeKvWriteEnabled();
     const bool fused_combine = cuda::FusedSplitCombineEnabled();
-    for (int pass = 0; pass < 4; ++pass) {
-      if (pass > 0 && !with_graphs) break;
+    // tokens/s of `steps` decode steps (the first two not timed) as pass `pass` runs them.
+    auto time_steps = [&](int pass) -> absl::StatusOr<double> {
       QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, false));  // drops the graphs
       QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, pass >= 2));
       cuda::SetFusedRopeKvWrite(pass == 3 || fused_rope);
       cuda::SetFusedSplitCombine(pass == 3 || fused_combine);
       std::vector<double> times;
-      absl::Status st;
-      for (int64_t step = 0; step < steps && st.ok(); ++step) {
+      for (int64_t step = 0; step < steps; ++step) {
         for (int64_t s = 0; s < B; ++s) {
           next[s] = token(step * 17 + s);
           chunks[s] = {absl::Span<const int32_t>(&next[s], 1),
@@ -358,22 +430,41 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
         }
         auto ts = Clock::now();
         if (pass == 0) {
-          st = model->Forward(chunks, &logits);  // ends with the logits on the host
+          // Ends with the logits on the host.
+          QSHARD_RETURN_IF_ERROR(model->Forward(chunks, &logits));
         } else {
-          absl::StatusOr<Tensor> dev = model->ForwardLogits(chunks);
-          st = dev.ok() ? backend->Sample(*dev, rows, &sampled) : dev.status();
+          QSHARD_ASSIGN_OR_RETURN(Tensor dev, model->ForwardLogits(chunks));
+          QSHARD_RETURN_IF_ERROR(backend->Sample(dev, rows, &sampled));
         }
         if (step >= 2) times.push_back(Seconds(ts));
       }
+      return B / Median(times);
+    };
+    for (int pass = 0; pass < 4; ++pass) {
+      if (pass > 0 && !with_graphs) break;
+      const absl::StatusOr<double> tps = time_steps(pass);
       if (pass == 0) {
-        QSHARD_RETURN_IF_ERROR(st);
-        r.decode_tps[B] = B / Median(times);
-      } else if (st.ok()) {
-        r.fast_tps[pass - 1][B] = B / Median(times);
+        QSHARD_RETURN_IF_ERROR(tps.status());
+        r.decode_tps[B] = *tps;
+      } else if (tps.ok()) {
+        r.fast_tps[pass - 1][B] = *tps;
       } else {
         r.fast_tps[pass - 1][B] = 0;
-        if (r.fast_error.empty()) r.fast_error = st.ToString();
+        if (r.fast_error.empty()) r.fast_error = tps.status().ToString();
       }
+    }
+    if (sweep && with_graphs && B == batches.front()) {
+      // The attention split length at this batch, steps as pass 3 (graphs, fused kernels).
+      const int64_t saved = cuda::AttentionMinSplitLen();
+      for (int64_t len : {32, 64, 128, 256}) {
+        QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, false));  // plans follow the knob
+        QSHARD_RETURN_IF_ERROR(cuda::SetAttentionMinSplitLen(len));
+        const absl::StatusOr<double> tps = time_steps(3);
+        r.attn_sweep.push_back({len, B, tps.ok() ? *tps : 0.0});
+        if (!tps.ok() && r.fast_error.empty()) r.fast_error = tps.status().ToString();
+      }
+      QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, false));
+      QSHARD_RETURN_IF_ERROR(cuda::SetAttentionMinSplitLen(saved));
     }
     QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, false));
     cuda::SetFusedRopeKvWrite(fused_rope);
@@ -383,7 +474,7 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
   if (prefill > 0) {
     std::vector<int32_t> ids(prefill);
     for (int64_t i = 0; i < prefill; ++i) ids[i] = token(i);
-    std::vector<int32_t> table((prefill + bs - 1) / bs);
+    std::vector<int32_t> table((prefill + kBenchBlockSize - 1) / kBenchBlockSize);
     std::iota(table.begin(), table.end(), 0);
     SequenceChunk c{ids, 0, table, LogitsMode::kLast};
     // With the CUDA-core attention kernel, then with the tensor-core one (the default;
@@ -430,6 +521,7 @@ int Main(int argc, char** argv) {
   bool graphs = true, unfused_baseline = false, sweep = false;
   int64_t layers = 0;               // 0: the shape's
   std::vector<int64_t> profile_ms;  // --profile
+  int64_t profile_step_batch = 0;   // --profile-step B
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -449,13 +541,16 @@ int Main(int argc, char** argv) {
     else if (a == "--sweep-splits") sweep = true;
     else if (a == "--layers") layers = ParseInts(next()).at(0);
     else if (a == "--profile") profile_ms = ParseInts(next());
+    else if (a == "--profile-step")
+      profile_step_batch = ParseInts(next()).at(0);
     else if (a == "--unfused-baseline")
       unfused_baseline = true;
     else {
       std::fprintf(stderr,
                    "usage: qshard_cuda_bench [--shape NAME] [--formats a,b] [--batches 1,8] "
                    "[--context N] [--steps N] [--prefill N] [--no-graphs] [--layers N] "
-                   "[--sweep-splits] [--profile M1,M2] [--unfused-baseline]\n");
+                   "[--sweep-splits] [--profile M1,M2] [--profile-step B] "
+                   "[--unfused-baseline]\n");
       return 2;
     }
   }
@@ -466,6 +561,17 @@ int Main(int argc, char** argv) {
     return 2;
   }
   if (layers > 0) shape->num_layers = layers;
+  if (profile_step_batch > 0) {
+    int rc = 0;
+    for (absl::string_view f : absl::StrSplit(formats, ',', absl::SkipEmpty())) {
+      const absl::Status st = ProfileStep(*shape, std::string(f), profile_step_batch, context);
+      if (!st.ok()) {
+        std::fprintf(stderr, "%s: %s\n", std::string(f).c_str(), st.ToString().c_str());
+        rc = 1;
+      }
+    }
+    return rc;
+  }
   if (!profile_ms.empty()) {
     int rc = 0;
     ModelLoadOptions unfused;
@@ -568,6 +674,13 @@ int Main(int argc, char** argv) {
     for (const auto& pt : r.sweep) {
       std::printf("  sweep %s: %d blocks/SM target, M=%lld: all linears %.3f ms\n",
                   r.format.c_str(), pt.blocks_per_sm, static_cast<long long>(pt.m), pt.ms);
+    }
+    for (const auto& pt : r.attn_sweep) {
+      std::printf(
+          "  sweep %s: attention splits of >= %lld positions, b%lld: +graphs +fused "
+          "%.1f tok/s\n",
+          r.format.c_str(), static_cast<long long>(pt.min_split_len),
+          static_cast<long long>(pt.batch), pt.tps);
     }
     if (!r.fast_error.empty()) {
       std::printf("  (a GPU-sampling / graph pass failed: %s)\n", r.fast_error.c_str());

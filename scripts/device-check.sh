@@ -21,6 +21,10 @@
 #   QSHARD_DEVICE_PROFILE   formats whose layer-0 decoder linears ncu profiles at M=1 and
 #                           16 after the benchmark ("off" skips it; default fp8,gptq-4bit;
 #                           needs ncu; 60 s per format at most; never fails the run)
+#   QSHARD_DEVICE_STEP_PROFILE  formats whose whole batch-1 decode step ncu times kernel
+#                           by kernel, summed per kernel name (scripts/ncu-step-summary.py;
+#                           "off" skips it; default bf16,fp8,gptq-4bit; needs ncu and
+#                           python3; 120 s per format at most; never fails the run)
 #   QSHARD_DEVICE_BUILD_DIR build folder (default build-device)
 #   QSHARD_DEVICE_ALLOW_SKIP=1  do not fail when tests skip (a dry run without a GPU)
 #   QSHARD_DEVICE_FALLBACK  "off" skips the second run of the model tests with the default
@@ -48,6 +52,7 @@ read -r -a TESTS <<<"${QSHARD_DEVICE_TESTS:-qshard_backend_cuda_tests qshard_mod
 BENCH_ARGS="${QSHARD_DEVICE_BENCH:-}"
 BENCH_TIMEOUT="${QSHARD_DEVICE_BENCH_TIMEOUT:-240}"
 PROFILE_FORMATS="${QSHARD_DEVICE_PROFILE:-fp8,gptq-4bit}"
+STEP_FORMATS="${QSHARD_DEVICE_STEP_PROFILE:-bf16,fp8,gptq-4bit}"
 JOBS="$(nproc 2>/dev/null || echo 4)"
 BUILD_LOG="$LOG_DIR/build.log"
 SUMMARY="$LOG_DIR/summary.txt"
@@ -302,6 +307,35 @@ elif [[ -z "$NCU" ]]; then
   PROFILE_RESULT="skipped (no ncu)"
 fi
 
+# Where a whole decode step's time goes: one eager batch-1 step (context 256) per format,
+# every kernel profiled on its own (durations without launch overlap), summed by kernel.
+# The opt-in fused kernels are on here (they are what the next kernel work builds on).
+STEP_RESULT="skipped"
+STEP_TABLE="$BUILD_DIR/step-profile.txt"
+rm -f "$STEP_TABLE"
+if [[ "$BENCH_ARGS" != off && "$STEP_FORMATS" != off && -n "$NCU" ]] && have python3; then
+  section "decode step profile (ncu, batch 1, context 256, fused kernels on)"
+  STEP_RESULT="ok"
+  for f in ${STEP_FORMATS//,/ }; do
+    rc=0
+    QSHARD_CUDA_FUSED_ROPE_KV=1 QSHARD_CUDA_FUSED_COMBINE=1 timeout 120 "$NCU" \
+      --clock-control none --cache-control none --nvtx --nvtx-include "step/" \
+      --metrics gpu__time_duration.sum --csv --page raw \
+      "$BUILD_DIR/bin/qshard_cuda_bench" --formats "$f" --profile-step 1 --context 256 \
+      >"$BUILD_DIR/ncu-step-$f.csv" 2>"$BUILD_DIR/ncu-step-$f.err" || rc=$?
+    { echo "== step profile $f (exit $rc)"; tail -n 5 "$BUILD_DIR/ncu-step-$f.err"; } \
+      >>"$LOG_DIR/ncu.log"
+    [[ $rc -eq 0 ]] || STEP_RESULT="some step profiles failed (see ncu.log)"
+    python3 "$ROOT/scripts/ncu-step-summary.py" "$f" <"$BUILD_DIR/ncu-step-$f.csv" \
+      | tee -a "$STEP_TABLE" || true
+    echo | tee -a "$STEP_TABLE"
+  done
+elif [[ -z "$NCU" ]]; then
+  STEP_RESULT="skipped (no ncu)"
+elif ! have python3; then
+  STEP_RESULT="skipped (no python3)"
+fi
+
 write_summary
 {
   echo "bench:  $BENCH_RESULT"
@@ -310,6 +344,8 @@ write_summary
   fi
   echo "kernel profile: $PROFILE_RESULT"
   [[ -f "$PROFILE_TABLE" ]] && cat "$PROFILE_TABLE"
+  echo "decode step profile: $STEP_RESULT"
+  [[ -f "$STEP_TABLE" ]] && cat "$STEP_TABLE"
 } | tee -a "$SUMMARY"
 if [[ $status -eq 0 ]]; then
   echo "RESULT: PASS"

@@ -64,10 +64,11 @@ constexpr int kTile = 32;
 // Floats of padding per shared K/V row: lane j reads row j as float4, and a row stride of
 // D + 4 floats shifts consecutive rows by 4 banks, so each 8-lane phase hits 32 distinct banks.
 constexpr int kRowPad = 4;
-// Split-K bounds for decode: every split covers at least kMinSplitLen positions (4 tiles), and
-// there are at most kMaxSplits of them.
-constexpr int64_t kMinSplitLen = 128;
+// Split-K bounds for decode: every split covers at least AttentionMinSplitLen() positions
+// (default 4 tiles), and there are at most kMaxSplits of them.
+constexpr int64_t kDefaultMinSplitLen = 128;
 constexpr int64_t kMaxSplits = 32;
+std::atomic<int64_t> g_min_split_len{kDefaultMinSplitLen};
 // Decode split boundaries are planned for the context rounded up to this (the CUDA
 // backend's graph context bucket, kGraphContextBucket in cuda_backend.cc).
 constexpr int64_t kSplitPlanBucket = 256;
@@ -657,7 +658,7 @@ absl::StatusOr<int> CurrentDeviceSms() {
 }
 
 int64_t MaxSplitsFor(int64_t max_context_len) {
-  return std::clamp<int64_t>(max_context_len / kMinSplitLen, 1, kMaxSplits);
+  return std::clamp<int64_t>(max_context_len / AttentionMinSplitLen(), 1, kMaxSplits);
 }
 
 template <int kKind, int D, int RPW>
@@ -772,6 +773,17 @@ absl::Status LaunchQkvRopeKvWrite(const QkvRopeKvWriteArgs& a, cudaStream_t stre
   });
 }
 
+absl::Status SetAttentionMinSplitLen(int64_t positions) {
+  if (positions < kTile || positions > 4096 || positions % kTile != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("attention min split length ", positions,
+                                                   ": expected a multiple of ", kTile, " in [",
+                                                   kTile, ", 4096]"));
+  }
+  g_min_split_len.store(positions, std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+int64_t AttentionMinSplitLen() { return g_min_split_len.load(std::memory_order_relaxed); }
+
 void SetFusedSplitCombine(bool on) { FusedCombineFlag().store(on, std::memory_order_relaxed); }
 bool FusedSplitCombineEnabled() { return FusedCombineFlag().load(std::memory_order_relaxed); }
 
@@ -861,7 +873,8 @@ absl::Status LaunchPagedAttention(const PagedAttentionArgs& a, cudaStream_t stre
   p.subgroups = static_cast<int>(CeilDiv(group, p.heads_per_cta));
   p.q_tiles = static_cast<int>(CeilDiv(a.max_query_len, p.tile_tokens));
 
-  // Split-K (decode only): enough CTAs for ~2 per SM, each split >= kMinSplitLen positions.
+  // Split-K (decode only): enough CTAs for ~2 per SM, each split >= AttentionMinSplitLen()
+  // positions.
   // The split boundaries are planned for the context rounded up to kSplitPlanBucket, the
   // CUDA-graph context bucket: a step replayed from a graph (planned for the bucket) and
   // the same step run eagerly (planned for its exact context) then add the same positions

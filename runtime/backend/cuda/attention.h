@@ -61,6 +61,14 @@ struct QkvRopeKvWriteArgs {
 };
 absl::Status LaunchQkvRopeKvWrite(const QkvRopeKvWriteArgs& args, cudaStream_t stream);
 
+// Split-K decode: the fewest cache positions one split covers (default 128; a multiple of
+// 32 in [32, 4096], else InvalidArgument). Fewer positions per split give small batches
+// more CTAs. A tuning knob for benchmarks (qshard_cuda_bench --sweep-splits): workspace
+// sizes and split plans follow it from the next launch, and CUDA graphs captured before
+// keep the plan they were captured with, so change it only while no graphs are held.
+absl::Status SetAttentionMinSplitLen(int64_t positions);
+int64_t AttentionMinSplitLen();
+
 // Process-wide switch for the in-kernel split combine of LaunchPagedAttention (see
 // PagedAttentionArgs::split_counters). Off by default until a GPU run has verified it (the
 // op test compares it bit for bit with the separate combine); QSHARD_CUDA_FUSED_COMBINE=1

@@ -722,5 +722,35 @@ TEST(CudaPrefillAttentionTcArgs, Switch) {
   SetTensorCorePrefillAttention(saved);
 }
 
+// Host-side knobs: no GPU needed.
+TEST(CudaAttentionKnobs, MinSplitLengthIsValidatedAndChangesTheWorkspace) {
+  const int64_t saved = AttentionMinSplitLen();
+  for (int64_t bad : {0, 31, 33, 100, 8192}) {
+    const absl::Status st = SetAttentionMinSplitLen(bad);
+    EXPECT_FALSE(st.ok()) << bad;
+    EXPECT_NE(st.ToString().find("multiple of 32"), std::string::npos) << st;
+    EXPECT_EQ(AttentionMinSplitLen(), saved) << "a rejected value must not stick";
+  }
+  // 1 token, 32 heads, D 128, context 1000 (planned for 1024): 1024 / 32 = 32 splits of
+  // 32 positions against 1024 / 256 = 4 of 256.
+  QSHARD_ASSERT_OK(SetAttentionMinSplitLen(32));
+  const int64_t many = PagedAttentionWorkspaceBytes(1, 32, 128, 1000);
+  QSHARD_ASSERT_OK(SetAttentionMinSplitLen(256));
+  const int64_t few = PagedAttentionWorkspaceBytes(1, 32, 128, 1000);
+  QSHARD_ASSERT_OK(SetAttentionMinSplitLen(saved));
+  EXPECT_EQ(many, 32 * 32 * (128 + 2) * 4);
+  EXPECT_EQ(few, 4 * 32 * (128 + 2) * 4);
+  EXPECT_EQ(PagedAttentionSplitTickets(5, 32), 5 * 32);
+}
+
+TEST(CudaAttentionKnobs, FusedCombineSwitch) {
+  const bool saved = FusedSplitCombineEnabled();
+  SetFusedSplitCombine(true);
+  EXPECT_TRUE(FusedSplitCombineEnabled());
+  SetFusedSplitCombine(false);
+  EXPECT_FALSE(FusedSplitCombineEnabled());
+  SetFusedSplitCombine(saved);
+}
+
 }  // namespace
 }  // namespace qshard::cuda
