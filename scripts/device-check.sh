@@ -257,7 +257,10 @@ if [[ "$BENCH_ARGS" != off ]]; then
   if [[ $rc -eq 0 ]]; then
     BENCH_RESULT="ok"
   else
-    BENCH_RESULT="FAILED (exit status $rc$([[ $rc -eq 124 ]] && echo ", timed out after ${BENCH_TIMEOUT} s"))"
+    # (A plain `$([[ ... ]] && echo)` would fail the assignment, and set -e the script.)
+    timed_out=""
+    [[ $rc -ne 124 ]] || timed_out=", timed out after ${BENCH_TIMEOUT} s"
+    BENCH_RESULT="FAILED (exit status $rc$timed_out)"
     status=1
   fi
 fi
