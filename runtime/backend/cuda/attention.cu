@@ -43,6 +43,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "runtime/backend/cuda/attention.h"
@@ -224,10 +225,7 @@ __global__ void QkvRopeKvWriteKernel(const E* __restrict__ qkv, E* __restrict__ 
   const int64_t total = T * heads * half;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int i = static_cast<int>(idx % half);
-    const int64_t th = idx / half;
-    const int h = static_cast<int>(th % heads);
-    const int64_t t = th / heads;
+    const auto [t, h, i] = SplitRopePairIndex(idx, heads, half);
     const E* src = qkv + (t * heads + h) * head_dim;
     E e1 = src[i], e2 = src[i + half];
     if (h < q_heads + kv_heads) {  // q or k: rotate
@@ -503,13 +501,15 @@ __global__ void __launch_bounds__(256, kMinBlocks<kKind, RPW>) PagedAttentionKer
     }
   }
 
-  // Results.
+  // Results. Query row r of this CTA is (token tok0 + r / gc, head head_base + r % gc).
+  const auto row_token = [&](int r) { return tok0 + r / gc; };
+  const auto row_head = [&](int r) { return head_base + r % gc; };
 #pragma unroll
   for (int i = 0; i < RPW; ++i) {
     const int r = warp * RPW + i;
     if (r >= nrows) continue;
-    const int t = tok0 + r / gc;
-    const int h = head_base + r % gc;
+    const int t = row_token(r);
+    const int h = row_head(r);
     if (p.num_splits == 1) {
       const float inv = 1.0f / l[i];
       const int64_t o = static_cast<int64_t>(t) * row_stride + h * D + lane;
@@ -548,9 +548,7 @@ __global__ void __launch_bounds__(256, kMinBlocks<kKind, RPW>) PagedAttentionKer
   for (int i = 0; i < RPW; ++i) {
     const int r = warp * RPW + i;
     if (r >= nrows) continue;
-    const int t = tok0 + r / gc;
-    const int h = head_base + r % gc;
-    const int64_t row = static_cast<int64_t>(t) * p.num_heads + h;
+    const int64_t row = static_cast<int64_t>(row_token(r)) * p.num_heads + row_head(r);
 #pragma unroll
     for (int c = 0; c < kDimsPerLane; ++c) {
       const int d = lane + 32 * c;
@@ -753,20 +751,19 @@ absl::Status LaunchQkvRopeKvWrite(const QkvRopeKvWriteArgs& a, cudaStream_t stre
   const float v_inv = IsFp8Kind(kind) ? 1.0f / a.v_scale : 1.0f;
   return DispatchKind(kind, [&](auto tag) -> absl::Status {
     constexpr int kK = decltype(tag)::value;
+    const auto launch = [&](auto* act) {  // act: a null E* naming the activation type
+      using E = std::remove_pointer_t<decltype(act)>;
+      (void)LaunchPdl(QkvRopeKvWriteKernel<E, kK>, dim3(blocks), dim3(kThreads), 0, stream,
+                      static_cast<const E*>(a.qkv), static_cast<E*>(a.q), static_cast<E*>(a.k),
+                      static_cast<E*>(a.v), a.num_tokens, static_cast<int>(a.q_heads),
+                      static_cast<int>(a.kv_heads), static_cast<int>(a.head_dim / 2), a.positions,
+                      a.inv_freq, a.slot_mapping, a.k_cache, a.v_cache,
+                      static_cast<int>(a.block_size), k_inv, v_inv);
+    };
     if (a.act_dtype == DType::kBF16) {
-      (void)LaunchPdl(QkvRopeKvWriteKernel<bf16, kK>, dim3(blocks), dim3(kThreads), 0, stream,
-                      static_cast<const bf16*>(a.qkv), static_cast<bf16*>(a.q),
-                      static_cast<bf16*>(a.k), static_cast<bf16*>(a.v), a.num_tokens,
-                      static_cast<int>(a.q_heads), static_cast<int>(a.kv_heads),
-                      static_cast<int>(a.head_dim / 2), a.positions, a.inv_freq, a.slot_mapping,
-                      a.k_cache, a.v_cache, static_cast<int>(a.block_size), k_inv, v_inv);
+      launch(static_cast<bf16*>(nullptr));
     } else {
-      (void)LaunchPdl(QkvRopeKvWriteKernel<float, kK>, dim3(blocks), dim3(kThreads), 0, stream,
-                      static_cast<const float*>(a.qkv), static_cast<float*>(a.q),
-                      static_cast<float*>(a.k), static_cast<float*>(a.v), a.num_tokens,
-                      static_cast<int>(a.q_heads), static_cast<int>(a.kv_heads),
-                      static_cast<int>(a.head_dim / 2), a.positions, a.inv_freq, a.slot_mapping,
-                      a.k_cache, a.v_cache, static_cast<int>(a.block_size), k_inv, v_inv);
+      launch(static_cast<float*>(nullptr));
     }
     QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
     return absl::OkStatus();

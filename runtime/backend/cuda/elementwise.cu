@@ -61,10 +61,7 @@ __global__ void RopeKernel(T* q, T* k, int64_t T_tokens, int q_heads, int kv_hea
   const int64_t total = T_tokens * heads * half;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int i = static_cast<int>(idx % half);
-    const int64_t th = idx / half;
-    const int h = static_cast<int>(th % heads);
-    const int64_t t = th / heads;
+    const auto [t, h, i] = SplitRopePairIndex(idx, heads, half);
     T* row = h < q_heads ? q + (t * q_heads + h) * (2 * half)
                          : k + (t * kv_heads + (h - q_heads)) * (2 * half);
     float y1, y2;

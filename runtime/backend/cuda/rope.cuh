@@ -24,6 +24,18 @@ __device__ __forceinline__ void RopeRotatePair(int32_t position, float inv_freq_
   *y2 = __fmaf_rn(x2, c, __fmul_rn(x1, s));   // x2 cos + x1 sin
 }
 
+// The (token t, head h, pair i) of flat index idx = (t * heads + h) * half + i, the
+// layout of one thread per RoPE pair that both kernels walk in grid-stride loops.
+struct RopePairIndex {
+  int64_t t;
+  int h;
+  int i;
+};
+__device__ __forceinline__ RopePairIndex SplitRopePairIndex(int64_t idx, int heads, int half) {
+  const int64_t th = idx / half;
+  return {th / heads, static_cast<int>(th % heads), static_cast<int>(idx % half)};
+}
+
 }  // namespace qshard::cuda
 
 #endif  // QSHARD_RUNTIME_BACKEND_CUDA_ROPE_CUH_

@@ -153,21 +153,9 @@ void ExpectClose(const std::vector<float>& got, const std::vector<double>& want,
   EXPECT_LE(normwise, tol.normwise) << what << ": normwise relative error";
 }
 
-class CudaAttentionTest : public ::testing::Test {
+class CudaAttentionTest : public ::qshard::cuda::testing::CudaStreamTest {
  protected:
-  void SetUp() override {
-    if (!CudaDeviceAvailable()) {
-      GTEST_SKIP() << "no CUDA device or driver on this machine: GPU attention tests skipped";
-    }
-    auto s = CudaStream::Create();
-    ASSERT_TRUE(s.ok()) << s.status();
-    stream_ = std::move(s).value();
-  }
-  cudaStream_t stream() const { return stream_.get(); }
-
   void RunCase(const AttnCase& c, uint32_t seed);
-
-  CudaStream stream_;
 };
 
 void CudaAttentionTest::RunCase(const AttnCase& c, uint32_t seed) {

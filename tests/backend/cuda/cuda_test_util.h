@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "absl/status/status.h"
+#include "runtime/backend/cuda/cuda_context.h"
 #include "runtime/base/dtype.h"
 #include "runtime/base/status_macros.h"
 
@@ -31,6 +32,23 @@ namespace qshard::cuda::testing {
 
 // "float32", "bfloat16", ... for test names and messages.
 inline std::string Name(DType t) { return std::string(DTypeName(t)); }
+
+// Base fixture of the GPU op tests: skips the test without a CUDA device (CI has none;
+// scripts/device-check.sh runs them on a GPU machine) and gives it a stream.
+class CudaStreamTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!CudaDeviceAvailable()) {
+      GTEST_SKIP() << "no CUDA device or driver on this machine: GPU op test skipped";
+    }
+    auto s = CudaStream::Create();
+    ASSERT_TRUE(s.ok()) << s.status();
+    stream_ = std::move(s).value();
+  }
+  cudaStream_t stream() const { return stream_.get(); }
+
+  CudaStream stream_;
+};
 
 }  // namespace qshard::cuda::testing
 

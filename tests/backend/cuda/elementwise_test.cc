@@ -138,19 +138,7 @@ void ExpectWithin(const std::vector<float>& got, const std::vector<double>& want
   EXPECT_EQ(bad, 0) << what << ": elements outside the bound (worst finite err/bound " << worst << ")";
 }
 
-class CudaElementwiseTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (!CudaDeviceAvailable()) {
-      GTEST_SKIP() << "no CUDA device or driver on this machine: GPU elementwise tests skipped";
-    }
-    auto s = CudaStream::Create();
-    ASSERT_TRUE(s.ok()) << s.status();
-    stream_ = std::move(s).value();
-  }
-  cudaStream_t stream() const { return stream_.get(); }
-  CudaStream stream_;
-};
+class CudaElementwiseTest : public ::qshard::cuda::testing::CudaStreamTest {};
 
 TEST_F(CudaElementwiseTest, RopeMatchesHostFormula) {
   RopeConfig rope;

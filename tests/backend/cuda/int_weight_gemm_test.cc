@@ -256,16 +256,7 @@ TEST(IntWeightPackTest, RejectsUnsupportedShapesWithClearMessages) {
 // GPU
 // ---------------------------------------------------------------------------
 
-class IntWeightGemmTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (!CudaDeviceAvailable()) GTEST_SKIP() << "no CUDA device visible; GPU tests skipped";
-    auto s = CudaStream::Create();
-    ASSERT_TRUE(s.ok()) << s.status();
-    stream_ = std::move(s).value();
-  }
-  CudaStream stream_;
-};
+class IntWeightGemmTest : public ::qshard::cuda::testing::CudaStreamTest {};
 
 // x [m, k] bf16 values (as float) with per-row magnitudes over e^-2..e^2.
 std::vector<float> RandomX(int64_t m, int64_t k, uint32_t seed) {

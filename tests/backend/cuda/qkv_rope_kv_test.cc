@@ -51,20 +51,9 @@ std::string Describe(const FusedCase& c) {
                       "]");
 }
 
-class CudaQkvRopeKvTest : public ::testing::Test {
+class CudaQkvRopeKvTest : public ::qshard::cuda::testing::CudaStreamTest {
  protected:
-  void SetUp() override {
-    if (!CudaDeviceAvailable()) {
-      GTEST_SKIP() << "no CUDA device or driver on this machine: fused q|k|v RoPE tests skipped";
-    }
-    auto s = CudaStream::Create();
-    ASSERT_TRUE(s.ok()) << s.status();
-    stream_ = std::move(s).value();
-  }
-  cudaStream_t stream() const { return stream_.get(); }
   void RunCase(const FusedCase& c, uint32_t seed);
-
-  CudaStream stream_;
 };
 
 absl::StatusOr<DeviceBuffer> Filled(size_t bytes, uint8_t value, cudaStream_t stream) {
