@@ -10,13 +10,6 @@
 
 namespace qshard {
 
-void Backend::SplitQkvRope(int /*layer*/, const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v,
-                           int64_t head_dim, const RopeConfig& rope) {
-  Tensor* parts[] = {&q, &k, &v};
-  SplitColumns(qkv, parts);
-  Rope(q, k, head_dim, rope);
-}
-
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const std::string& device) {
   if (device == "cpu") return CreateCpuBackend();
   if (device == "cuda" || device == "auto") {

@@ -166,8 +166,13 @@ class Backend {
   // does exactly that). A backend may also write k and v into `layer`'s KV cache here, as
   // the Attention(layer, q, k, v, ...) that follows in the same step would; that Attention
   // then skips the write (the CUDA backend's one-launch fused kernel).
-  virtual void SplitQkvRope(int layer, const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v,
-                            int64_t head_dim, const RopeConfig& rope);
+  // (Defined here, not in backend.cc: the backends' own libraries do not link that one.)
+  virtual void SplitQkvRope(int /*layer*/, const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v,
+                            int64_t head_dim, const RopeConfig& rope) {
+    Tensor* parts[] = {&q, &k, &v};
+    SplitColumns(qkv, parts);
+    Rope(q, k, head_dim, rope);
+  }
   // x += y.
   virtual void Add(Tensor& x, const Tensor& y) = 0;
   // Rows of src selected by host indices: out[i] = src[rows[i]].
