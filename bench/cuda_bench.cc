@@ -17,9 +17,10 @@
 //   - the same decode steps with the tokens sampled on the GPU (greedy; only the ids come
 //     back, as the engine does by default), then also replayed from CUDA graphs, and that
 //     again with the opt-in fused kernels on ("+fused": q|k|v split + RoPE + KV write in
-//     one launch, attention's split combine inside the attention kernel; QSHARD_CUDA_
-//     FUSED_ROPE_KV / _FUSED_COMBINE) (--no-graphs skips these passes; a failure there is
-//     reported in the row and does not fail the run);
+//     one launch, attention's split combine inside the attention kernel, fp8 activations
+//     quantized by the kernels that produce them; QSHARD_CUDA_FUSED_ROPE_KV / _COMBINE /
+//     _ACT_QUANT) (--no-graphs skips these passes; a failure there is reported in the row
+//     and does not fail the run);
 //   - --sweep-splits: all decoder linears at M = 1 and 16 for several K-split targets
 //     (blocks per SM) of the quantized kernels, and "+graphs +fused" decode at the first
 //     batch size for several attention split lengths (cuda::SetAttentionMinSplitLen),
@@ -412,15 +413,18 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
     // (1), sampled on the GPU with the step replayed from a CUDA graph (2), all three with
     // the process's settings, and (3) pass 2 with the opt-in fused kernels on (q|k|v split
     // + RoPE + KV write in one launch; attention's split combine inside the attention
-    // kernel). Each pass rewrites the same cache positions, which is fine for timing.
+    // kernel; fp8 activations quantized by the norm / SiLU kernels that produce them).
+    // Each pass rewrites the same cache positions, which is fine for timing.
     const bool fused_rope = cuda::FusedRopeKvWriteEnabled();
     const bool fused_combine = cuda::FusedSplitCombineEnabled();
+    const bool fused_quant = cuda::FusedActQuantEnabled();
     // tokens/s of `steps` decode steps (the first two not timed) as pass `pass` runs them.
     auto time_steps = [&](int pass) -> absl::StatusOr<double> {
       QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, false));  // drops the graphs
       QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, pass >= 2));
       cuda::SetFusedRopeKvWrite(pass == 3 || fused_rope);
       cuda::SetFusedSplitCombine(pass == 3 || fused_combine);
+      cuda::SetFusedActQuant(pass == 3 || fused_quant);
       std::vector<double> times;
       for (int64_t step = 0; step < steps; ++step) {
         for (int64_t s = 0; s < B; ++s) {
@@ -469,6 +473,7 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
     QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, false));
     cuda::SetFusedRopeKvWrite(fused_rope);
     cuda::SetFusedSplitCombine(fused_combine);
+    cuda::SetFusedActQuant(fused_quant);
   }
 
   if (prefill > 0) {

@@ -321,7 +321,8 @@ if [[ "$BENCH_ARGS" != off && "$STEP_FORMATS" != off && -n "$NCU" ]] && have pyt
   STEP_RESULT="ok"
   for f in ${STEP_FORMATS//,/ }; do
     rc=0
-    QSHARD_CUDA_FUSED_ROPE_KV=1 QSHARD_CUDA_FUSED_COMBINE=1 timeout 120 "$NCU" \
+    QSHARD_CUDA_FUSED_ROPE_KV=1 QSHARD_CUDA_FUSED_COMBINE=1 QSHARD_CUDA_FUSED_ACT_QUANT=1 \
+      timeout 120 "$NCU" \
       --clock-control none --cache-control none --nvtx --nvtx-include "step/" \
       --metrics gpu__time_duration.sum --csv --page raw \
       "$BUILD_DIR/bin/qshard_cuda_bench" --formats "$f" --profile-step 1 --context 256 \

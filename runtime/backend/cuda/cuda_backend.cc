@@ -118,6 +118,14 @@ class CudaLinear : public LinearOp {
   virtual DType input_dtype() const { return DType::kBF16; }
   virtual absl::Status Run(const void* x, int64_t m, void* y, DType y_dtype,
                            cudaStream_t stream) const = 0;
+  // Takes x already quantized to fp8 per token (codes [m, K], scales [m]) by the kernel that
+  // produced it (CudaBackend's side codes); only fp8 W8A8 per-token linears do.
+  virtual bool TakesFp8Codes() const { return false; }
+  virtual absl::Status RunQuantized(const uint8_t* /*codes*/, const float* /*scales*/,
+                                    int64_t /*m*/, void* /*y*/, DType /*y_dtype*/,
+                                    cudaStream_t /*stream*/) const {
+    return absl::UnimplementedError("this linear takes no pre-quantized input");
+  }
   const float* bias() const { return bias_.as<float>(); }
   absl::Status SetBias(const Tensor& b, cudaStream_t stream) {
     if (b.empty()) return absl::OkStatus();
@@ -225,6 +233,11 @@ class Quant8Linear : public CudaLinear {
   absl::Status Run(const void* x, int64_t m, void* y, DType y_dtype,
                    cudaStream_t stream) const override {
     return op_->Run(x, m, y, y_dtype, stream);
+  }
+  bool TakesFp8Codes() const override { return op_->TakesFp8PerTokenCodes(); }
+  absl::Status RunQuantized(const uint8_t* codes, const float* scales, int64_t m, void* y,
+                            DType y_dtype, cudaStream_t stream) const override {
+    return op_->RunQuantized(codes, scales, m, y, y_dtype, stream);
   }
 
  private:
@@ -344,6 +357,7 @@ class CudaBackend : public Backend {
           return absl::Status(q.status().code(), absl::StrCat(w.name, ": ", q.status().message()));
         }
         op = std::make_unique<Quant8Linear>(std::move(q).value());
+        fp8_token_linears_ |= static_cast<const CudaLinear&>(*op).TakesFp8Codes();
         break;
       }
     }
@@ -529,6 +543,7 @@ class CudaBackend : public Backend {
     staged_ = 0;
     meta_ = &meta;
     std::fill(kv_prewritten_.begin(), kv_prewritten_.end(), false);
+    ForgetSideCodes();  // they live in the arena just reset
     const int32_t T = meta.num_tokens(), S = meta.num_seqs();
     // Programmatic dependent launch for small steps only: on an H100 (qshard_cuda_bench,
     // Llama-3.1-8B, +graphs) it gave fp8 +10% / 4-bit +6% at batch 1 and up to +8% at batch
@@ -575,6 +590,7 @@ class CudaBackend : public Backend {
 
   // --- ops ------------------------------------------------------------------
   void Embedding(const Tensor& table, const int32_t* ids, Tensor& out) override {
+    ForgetSideCodes();
     if (!status_.ok()) return;
     auto d_ids = Upload(std::vector<int32_t>(ids, ids + out.dim(0)));
     if (!Keep(d_ids.status()) || Replaying()) return;
@@ -583,23 +599,63 @@ class CudaBackend : public Backend {
   }
 
   void RmsNorm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override {
+    if (!status_.ok()) return;
+    const SideCodes side = PrepareSideCodes(out);
     if (!status_.ok() || Replaying()) return;
     Keep(cuda::LaunchRmsNorm(x.raw(), x.dtype(), w.raw(), eps, x.dim(0), x.dim(1), out.raw(),
-                             out.dtype(), stream()));
+                             out.dtype(), stream(), side.codes, side.scales));
   }
 
   void AddRmsNorm(Tensor& residual, const Tensor& x, const Tensor& w, float eps,
                   Tensor& out) override {
+    if (!status_.ok()) return;
+    const SideCodes side = PrepareSideCodes(out);
     if (!status_.ok() || Replaying()) return;
-    Keep(cuda::LaunchAddRmsNorm(residual.raw(), residual.dtype(), x.raw(), x.dtype(), w.raw(),
-                                eps, x.dim(0), x.dim(1), out.raw(), out.dtype(), stream()));
+    Keep(cuda::LaunchAddRmsNorm(residual.raw(), residual.dtype(), x.raw(), x.dtype(), w.raw(), eps,
+                                x.dim(0), x.dim(1), out.raw(), out.dtype(), stream(), side.codes,
+                                side.scales));
   }
+
+  // The fp8 side output of a producer kernel (norms, packed SiLU-and-mul) for `out`, when
+  // cuda::FusedActQuantEnabled() and the model has fp8 per-token linears: codes and scales
+  // from the step arena (taken in every mode, like all scratch), remembered as side_ so
+  // that the Linears reading `out` next take them instead of quantizing `out` themselves.
+  struct SideCodes {
+    const void* src = nullptr;  // the bf16 tensor they quantize
+    int64_t rows = 0, cols = 0;
+    uint8_t* codes = nullptr;  // [rows, cols] e4m3
+    float* scales = nullptr;   // [rows]
+  };
+  SideCodes PrepareSideCodes(const Tensor& out) {
+    side_ = SideCodes{};
+    if (!fp8_token_linears_ || !cuda::FusedActQuantEnabled() || out.dtype() != DType::kBF16 ||
+        out.rank() != 2) {
+      return side_;
+    }
+    const int64_t rows = out.dim(0), cols = out.dim(1);
+    auto codes = arena_.Get(static_cast<size_t>(rows * cols));
+    auto scales = arena_.Get(static_cast<size_t>(rows) * sizeof(float));
+    if (!Keep(codes.status()) || !Keep(scales.status())) return side_;
+    side_ = {out.raw(), rows, cols, static_cast<uint8_t*>(*codes), static_cast<float*>(*scales)};
+    return side_;
+  }
+  // Called by every op that writes a tensor but produces no side codes: it may overwrite
+  // the tensor the side codes describe.
+  void ForgetSideCodes() { side_ = SideCodes{}; }
 
   void Linear(const Tensor& x, const LinearOp& op, Tensor& y) override {
     if (!status_.ok()) return;
     const auto& lin = static_cast<const CudaLinear&>(op);
     const int64_t m = x.dim(0);
     const void* in = x.raw();
+    // x quantized on the side by the kernel that wrote it (PrepareSideCodes)? They stay
+    // valid for further Linears of the same x (unfused q, k, v), unless y overwrites x.
+    SideCodes side;
+    if (side_.src == x.raw() && side_.rows == m && side_.cols == x.dim(1) &&
+        x.dtype() == DType::kBF16 && lin.TakesFp8Codes()) {
+      side = side_;
+    }
+    if (y.raw() == side_.src) ForgetSideCodes();
     // Scratch is taken from the arena in every mode (a replayed step must hand out the
     // same addresses as the captured one); only the launches are skipped on replay.
     const bool launch = !Replaying();
@@ -618,6 +674,11 @@ class CudaBackend : public Backend {
       if (!Keep(tmp.status()) || !launch) return;
       if (!Keep(lin.Run(in, m, *tmp, DType::kF32, stream()))) return;
       if (!Keep(cuda::LaunchCast(*tmp, DType::kF32, y.raw(), y.dtype(), y.numel(), stream()))) {
+        return;
+      }
+    } else if (side.codes != nullptr) {
+      if (!launch ||
+          !Keep(lin.RunQuantized(side.codes, side.scales, m, y.raw(), y.dtype(), stream()))) {
         return;
       }
     } else if (!launch || !Keep(lin.Run(in, m, y.raw(), y.dtype(), stream()))) {
@@ -647,6 +708,7 @@ class CudaBackend : public Backend {
   }
 
   void Rope(Tensor& q, Tensor& k, int64_t head_dim, const RopeConfig& rope) override {
+    ForgetSideCodes();
     if (!status_.ok() || !EnsureRopeTable(head_dim, rope) || Replaying()) return;
     if (q.dtype() != k.dtype()) {
       Keep(absl::InvalidArgumentError("Rope: q and k must have the same dtype"));
@@ -662,6 +724,7 @@ class CudaBackend : public Backend {
   // the cache's; otherwise the base class's two ops.
   void SplitQkvRope(int layer, const Tensor& qkv, Tensor& q, Tensor& k, Tensor& v, int64_t head_dim,
                     const RopeConfig& rope) override {
+    ForgetSideCodes();
     if (!status_.ok()) return;
     const DType dt = qkv.dtype();
     const bool fusable = cuda::FusedRopeKvWriteEnabled() && layer >= 0 &&
@@ -702,6 +765,7 @@ class CudaBackend : public Backend {
 
   void Attention(int layer, const Tensor& q, const Tensor& k, const Tensor& v, int64_t num_heads,
                  int64_t num_kv_heads, int64_t head_dim, float scale, Tensor& out) override {
+    ForgetSideCodes();
     if (!status_.ok()) return;
     const DType dt = spec_.dtype;
     // SplitQkvRope already wrote this layer's K/V of this step.
@@ -776,12 +840,15 @@ class CudaBackend : public Backend {
   }
 
   void SiluMul(const Tensor& gate, const Tensor& up, Tensor& out) override {
+    ForgetSideCodes();
     if (!status_.ok() || Replaying()) return;
     Keep(cuda::LaunchSiluMul(gate.raw(), up.raw(), out.raw(), gate.dtype(), gate.dim(0),
                              gate.dim(1), stream()));
   }
 
   void SiluMulPacked(const Tensor& gate_up, Tensor& out) override {
+    if (!status_.ok()) return;
+    const SideCodes side = PrepareSideCodes(out);
     if (!status_.ok() || Replaying()) return;
     if (gate_up.dtype() != out.dtype() || gate_up.dim(0) != out.dim(0) ||
         gate_up.dim(1) != 2 * out.dim(1)) {
@@ -792,10 +859,11 @@ class CudaBackend : public Backend {
       return;
     }
     Keep(cuda::LaunchSiluMulPacked(gate_up.raw(), out.raw(), out.dtype(), out.dim(0), out.dim(1),
-                                   stream()));
+                                   stream(), side.codes, side.scales));
   }
 
   void SplitColumns(const Tensor& x, absl::Span<Tensor* const> outs) override {
+    ForgetSideCodes();
     if (!status_.ok() || Replaying()) return;
     void* ptrs[cuda::kMaxSplitOutputs];
     int64_t cols[cuda::kMaxSplitOutputs];
@@ -821,11 +889,13 @@ class CudaBackend : public Backend {
   }
 
   void Add(Tensor& x, const Tensor& y) override {
+    ForgetSideCodes();
     if (!status_.ok() || Replaying()) return;
     Keep(cuda::LaunchAdd(x.raw(), x.dtype(), y.raw(), y.dtype(), x.numel(), stream()));
   }
 
   void GatherRows(const Tensor& src, const std::vector<int32_t>& rows, Tensor& out) override {
+    ForgetSideCodes();
     if (!status_.ok()) return;
     if (src.dtype() != out.dtype()) {
       Keep(absl::InvalidArgumentError("GatherRows: source and output dtypes differ"));
@@ -1058,6 +1128,9 @@ class CudaBackend : public Backend {
   std::vector<DeviceBuffer> k_cache_, v_cache_;  // per layer [blocks, kv_heads, block_size, D]
   std::vector<float> k_scale_, v_scale_;
   std::vector<bool> scales_pending_;
+  // Some prepared linear is fp8 W8A8 per token (the producers' side codes can serve it).
+  bool fp8_token_linears_ = false;
+  SideCodes side_;              // the last producer's side codes (PrepareSideCodes)
   DeviceBuffer split_tickets_;  // int32 [split_tickets_len_], zero between launches
   int64_t split_tickets_len_ = 0;
   // Per layer: SplitQkvRope wrote this step's K/V into the cache (Attention skips it).

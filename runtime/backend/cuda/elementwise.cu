@@ -25,6 +25,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "runtime/backend/cuda/act_quant.cuh"
 #include "runtime/backend/cuda/cuda_check.h"
 #include "runtime/backend/cuda/device_convert.cuh"
 #include "runtime/backend/cuda/elementwise.h"
@@ -119,6 +120,38 @@ __global__ void SiluMulPackedKernel(const T* __restrict__ gate_up, T* __restrict
     }
     reinterpret_cast<P*>(out)[v] = o;
   }
+}
+
+// SiluMulPackedKernel's arithmetic with the fp8 side output (act_quant.cuh): one block per
+// row of bf16 (the row's largest |value| needs the whole row), out [rows, cols], codes
+// [rows, cols] e4m3 and scales [rows].
+template <int kVec>
+__global__ void SiluMulPackedRowKernel(const bf16* __restrict__ gate_up, bf16* __restrict__ out,
+                                       int cols, uint8_t* __restrict__ codes,
+                                       float* __restrict__ scales) {
+  PdlWait();  // launched with LaunchPdl: the inputs are ready after this (pdl.cuh)
+  PdlLaunchDependents();
+  using P = Pack<bf16, kVec>;
+  const int64_t r = blockIdx.x;
+  const int vcols = cols / kVec;
+  const P* g_row = reinterpret_cast<const P*>(gate_up + r * 2 * cols);
+  const P* u_row = g_row + vcols;
+  bf16* out_row = out + r * cols;
+  float amax = 0.0f;
+  for (int v = threadIdx.x; v < vcols; v += blockDim.x) {
+    const P g = g_row[v];
+    const P u = u_row[v];
+    P o;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      const float gf = ToF32(g.v[i]);
+      // Exactly SiluMulKernel's expression (and so cpu::SiluMul's).
+      o.v[i] = FromF32<bf16>(gf / (1.0f + expf(-gf)) * ToF32(u.v[i]));
+      amax = fmaxf(amax, fabsf(ToF32(o.v[i])));
+    }
+    reinterpret_cast<P*>(out_row)[v] = o;
+  }
+  QuantizeStoredRow<kVec>(out_row, cols, amax, codes + r * cols, scales + r);
 }
 
 // Destinations of SplitColumnsKernel, passed by value (kernel parameter space).
@@ -297,10 +330,35 @@ absl::Status LaunchSiluMul(const void* gate, const void* up, void* out, DType dt
 }
 
 absl::Status LaunchSiluMulPacked(const void* gate_up, void* out, DType dtype, int64_t rows,
-                                 int64_t cols, cudaStream_t stream) {
+                                 int64_t cols, cudaStream_t stream, uint8_t* codes, float* scales) {
   if (!IsAct(dtype)) return BadDType("LaunchSiluMulPacked", dtype);
   if (rows < 0 || cols < 0) {
     return absl::InvalidArgumentError("LaunchSiluMulPacked: negative shape");
+  }
+  if (codes != nullptr || scales != nullptr) {
+    if (codes == nullptr || scales == nullptr || dtype != DType::kBF16 || !Aligned16(codes) ||
+        rows > INT32_MAX || cols > INT32_MAX) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "LaunchSiluMulPacked: the fp8 side output needs codes (16-byte aligned) and scales "
+          "together and bfloat16 rows, got ",
+          std::string(DTypeName(dtype))));
+    }
+    if (rows * cols == 0) return absl::OkStatus();
+    // One block per row, one 16-byte vector per thread up to 8192 columns.
+    const bool vec = cols % 8 == 0 && Aligned16(gate_up) && Aligned16(out);
+    const int64_t units = vec ? cols / 8 : cols;
+    const int threads = static_cast<int>(std::clamp<int64_t>((units + 31) / 32 * 32, 32, 1024));
+    if (vec) {
+      (void)LaunchPdl(SiluMulPackedRowKernel<8>, dim3(static_cast<unsigned>(rows)), dim3(threads),
+                      0, stream, static_cast<const bf16*>(gate_up), static_cast<bf16*>(out),
+                      static_cast<int>(cols), codes, scales);
+    } else {
+      (void)LaunchPdl(SiluMulPackedRowKernel<1>, dim3(static_cast<unsigned>(rows)), dim3(threads),
+                      0, stream, static_cast<const bf16*>(gate_up), static_cast<bf16*>(out),
+                      static_cast<int>(cols), codes, scales);
+    }
+    QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
+    return absl::OkStatus();
   }
   if (rows * cols == 0) return absl::OkStatus();
   return DispatchAct(dtype, [&](auto tag) -> absl::Status {

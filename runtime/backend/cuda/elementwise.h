@@ -49,8 +49,12 @@ absl::Status LaunchSiluMul(const void* gate, const void* up, void* out, DType dt
 // The output of a fused gate|up Linear: gate_up [rows, 2 * cols] (gate in columns
 // [0, cols), up in [cols, 2 * cols) of each row) -> out [rows, cols] = silu(gate) * up,
 // LaunchSiluMul's arithmetic. dtype f32/bf16 for both; out must not overlap gate_up.
+// Optional fp8 side output (bf16 only): codes [rows, cols] e4m3 (16-byte aligned) and scales
+// fp32 [rows], the per-token quantization of the stored rows, bit for bit what the fp8
+// linear's own quantize step would make of `out` (one block per row then).
 absl::Status LaunchSiluMulPacked(const void* gate_up, void* out, DType dtype, int64_t rows,
-                                 int64_t cols, cudaStream_t stream);
+                                 int64_t cols, cudaStream_t stream, uint8_t* codes = nullptr,
+                                 float* scales = nullptr);
 
 // Most outputs LaunchSplitColumns takes in one launch.
 inline constexpr int kMaxSplitOutputs = 8;

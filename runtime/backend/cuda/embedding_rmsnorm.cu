@@ -21,8 +21,10 @@
 #include <initializer_list>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
+#include "runtime/backend/cuda/act_quant.cuh"
 #include "runtime/backend/cuda/cuda_check.h"
 #include "runtime/backend/cuda/device_convert.cuh"
 #include "runtime/backend/cuda/embedding_rmsnorm.h"
@@ -106,9 +108,11 @@ __global__ void EmbeddingKernel(const TableT* __restrict__ table, int64_t vocab,
 
 // grid: [n]; out[row, :] = x[row, :] * rsqrt(mean(x[row, :]^2) + eps) * weight.
 // x and out are not __restrict__: they may be the same buffer.
+// codes / scales (bf16 out only; null: none): the fp8 side output (QuantizeStoredRow), row
+// `row` at codes + row * d and scales[row].
 template <typename InT, typename OutT, int kVec>
 __global__ void RmsNormKernel(const InT* x, const float* __restrict__ weight, float eps, int d,
-                              OutT* out) {
+                              OutT* out, uint8_t* __restrict__ codes, float* __restrict__ scales) {
   PdlWait();  // launched with LaunchPdl: the inputs are ready after this (pdl.cuh)
   PdlLaunchDependents();
   const int64_t offset = static_cast<int64_t>(blockIdx.x) * d;
@@ -125,21 +129,31 @@ __global__ void RmsNormKernel(const InT* x, const float* __restrict__ weight, fl
   }
   const float inv_rms = rsqrtf(BlockSum(sum_sq) / static_cast<float>(d) + eps);
 
+  float amax = 0.0f;
   for (int v = threadIdx.x; v < num_vecs; v += blockDim.x) {
     float f[kVec];
     float w[kVec];
     LoadF32<kVec>(x_row + v * kVec, f);
     LoadF32<kVec>(weight + v * kVec, w);
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) f[i] = f[i] * inv_rms * w[i];
+    for (int i = 0; i < kVec; ++i) {
+      f[i] = f[i] * inv_rms * w[i];
+      amax = fmaxf(amax, fabsf(ToF32(FromF32<OutT>(f[i]))));  // the value as stored
+    }
     StoreF32<kVec>(out_row + v * kVec, f);
+  }
+  if constexpr (std::is_same_v<OutT, __nv_bfloat16>) {
+    if (codes != nullptr)
+      QuantizeStoredRow<kVec>(out_row, d, amax, codes + offset, scales + blockIdx.x);
   }
 }
 
 // grid: [n]; residual[row, :] += x[row, :]; out[row, :] = RmsNorm(residual[row, :]) * weight.
+// codes / scales: as RmsNormKernel's.
 template <typename ResT, typename InT, typename OutT, int kVec>
 __global__ void AddRmsNormKernel(ResT* residual, const InT* x, const float* __restrict__ weight,
-                                 float eps, int d, OutT* out) {
+                                 float eps, int d, OutT* out, uint8_t* __restrict__ codes,
+                                 float* __restrict__ scales) {
   PdlWait();  // launched with LaunchPdl: the inputs are ready after this (pdl.cuh)
   PdlLaunchDependents();
   const int64_t offset = static_cast<int64_t>(blockIdx.x) * d;
@@ -164,14 +178,22 @@ __global__ void AddRmsNormKernel(ResT* residual, const InT* x, const float* __re
   }
   const float inv_rms = rsqrtf(BlockSum(sum_sq) / static_cast<float>(d) + eps);
 
+  float amax = 0.0f;
   for (int v = threadIdx.x; v < num_vecs; v += blockDim.x) {
     float r[kVec];
     float w[kVec];
     LoadF32<kVec>(res_row + v * kVec, r);  // this thread's own writes from the first pass
     LoadF32<kVec>(weight + v * kVec, w);
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) r[i] = r[i] * inv_rms * w[i];
+    for (int i = 0; i < kVec; ++i) {
+      r[i] = r[i] * inv_rms * w[i];
+      amax = fmaxf(amax, fabsf(ToF32(FromF32<OutT>(r[i]))));  // the value as stored
+    }
     StoreF32<kVec>(out_row + v * kVec, r);
+  }
+  if constexpr (std::is_same_v<OutT, __nv_bfloat16>) {
+    if (codes != nullptr)
+      QuantizeStoredRow<kVec>(out_row, d, amax, codes + offset, scales + blockIdx.x);
   }
 }
 
@@ -213,6 +235,21 @@ absl::Status CheckRows(const char* op, int64_t n, int64_t d) {
       d > std::numeric_limits<int32_t>::max()) {
     return absl::InvalidArgumentError(
         absl::StrCat(std::string(op), ": bad shape [", n, ", ", d, "]"));
+  }
+  return absl::OkStatus();
+}
+
+// The fp8 side output: both pointers or neither, bf16 rows only, codes 16-byte aligned.
+absl::Status CheckSideCodes(const char* op, DType out_dtype, const uint8_t* codes,
+                            const float* scales) {
+  if (codes == nullptr && scales == nullptr) return absl::OkStatus();
+  if (codes == nullptr || scales == nullptr || out_dtype != DType::kBF16 ||
+      reinterpret_cast<uintptr_t>(codes) % 16 != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(std::string(op),
+                     ": the fp8 side output needs codes (16-byte aligned) and scales "
+                     "together, and a bfloat16 output, got ",
+                     std::string(DTypeName(out_dtype))));
   }
   return absl::OkStatus();
 }
@@ -271,8 +308,10 @@ absl::Status LaunchEmbedding(const void* table, DType table_dtype, int64_t vocab
 }
 
 absl::Status LaunchRmsNorm(const void* x, DType x_dtype, const void* weight, float eps, int64_t n,
-                           int64_t d, void* out, DType out_dtype, cudaStream_t stream) {
+                           int64_t d, void* out, DType out_dtype, cudaStream_t stream,
+                           uint8_t* codes, float* scales) {
   QSHARD_RETURN_IF_ERROR(CheckRows("RmsNorm", n, d));
+  QSHARD_RETURN_IF_ERROR(CheckSideCodes("RmsNorm", out_dtype, codes, scales));
   if (x == out && x_dtype != out_dtype) {
     return absl::InvalidArgumentError("RmsNorm: in place needs equal input and output dtypes");
   }
@@ -289,10 +328,12 @@ absl::Status LaunchRmsNorm(const void* x, DType x_dtype, const void* weight, flo
       if (d % kVec == 0 && IsAligned(x, kVec * sizeof(InT)) &&
           IsAligned(weight, kVec * sizeof(float)) && IsAligned(out, kVec * sizeof(OutT))) {
         (void)LaunchPdl(RmsNormKernel<InT, OutT, kVec>, dim3(static_cast<unsigned>(n)),
-                        dim3(ThreadsFor(d / kVec)), 0, stream, xi, w, eps, static_cast<int>(d), o);
+                        dim3(ThreadsFor(d / kVec)), 0, stream, xi, w, eps, static_cast<int>(d), o,
+                        codes, scales);
       } else {
         (void)LaunchPdl(RmsNormKernel<InT, OutT, 1>, dim3(static_cast<unsigned>(n)),
-                        dim3(ThreadsFor(d)), 0, stream, xi, w, eps, static_cast<int>(d), o);
+                        dim3(ThreadsFor(d)), 0, stream, xi, w, eps, static_cast<int>(d), o, codes,
+                        scales);
       }
       QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
       return absl::OkStatus();
@@ -302,8 +343,9 @@ absl::Status LaunchRmsNorm(const void* x, DType x_dtype, const void* weight, flo
 
 absl::Status LaunchAddRmsNorm(void* residual, DType residual_dtype, const void* x, DType x_dtype,
                               const void* weight, float eps, int64_t n, int64_t d, void* out,
-                              DType out_dtype, cudaStream_t stream) {
+                              DType out_dtype, cudaStream_t stream, uint8_t* codes, float* scales) {
   QSHARD_RETURN_IF_ERROR(CheckRows("AddRmsNorm", n, d));
+  QSHARD_RETURN_IF_ERROR(CheckSideCodes("AddRmsNorm", out_dtype, codes, scales));
   if (out == residual && n > 0) {
     return absl::InvalidArgumentError("AddRmsNorm: out must not be the residual buffer");
   }
@@ -328,10 +370,11 @@ absl::Status LaunchAddRmsNorm(void* residual, DType residual_dtype, const void* 
             IsAligned(out, kVec * sizeof(OutT))) {
           (void)LaunchPdl(AddRmsNormKernel<ResT, InT, OutT, kVec>, dim3(static_cast<unsigned>(n)),
                           dim3(ThreadsFor(d / kVec)), 0, stream, r, xi, w, eps, static_cast<int>(d),
-                          o);
+                          o, codes, scales);
         } else {
           (void)LaunchPdl(AddRmsNormKernel<ResT, InT, OutT, 1>, dim3(static_cast<unsigned>(n)),
-                          dim3(ThreadsFor(d)), 0, stream, r, xi, w, eps, static_cast<int>(d), o);
+                          dim3(ThreadsFor(d)), 0, stream, r, xi, w, eps, static_cast<int>(d), o,
+                          codes, scales);
         }
         QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
         return absl::OkStatus();

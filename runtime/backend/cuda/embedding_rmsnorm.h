@@ -39,17 +39,23 @@ absl::Status LaunchEmbedding(const void* table, DType table_dtype, int64_t vocab
 // out[n, d] = x[n, d] * rsqrt(mean(x^2) + eps) * weight[d].
 //   x: [n, d] in x_dtype (f32/bf16); weight: fp32 [d]; out: [n, d] in out_dtype (f32/bf16).
 // out may be x itself (in place) when the dtypes are equal.
+// Optional fp8 side output (bf16 out only): codes [n, d] e4m3 (16-byte aligned) and scales
+// fp32 [n], the per-token quantization of the stored bf16 rows, bit for bit what the fp8
+// linear's own quantize step would make of `out` (so it can skip that launch).
 absl::Status LaunchRmsNorm(const void* x, DType x_dtype, const void* weight, float eps, int64_t n,
-                           int64_t d, void* out, DType out_dtype, cudaStream_t stream);
+                           int64_t d, void* out, DType out_dtype, cudaStream_t stream,
+                           uint8_t* codes = nullptr, float* scales = nullptr);
 
 // residual[n, d] += x[n, d]; then out[n, d] = RmsNorm(residual) * weight, in one pass.
 //   residual: [n, d] in residual_dtype (f32/bf16), updated in place (rounded to its dtype,
 //   and the norm is taken of the rounded values, which is what later layers read);
 //   x: [n, d] in x_dtype; weight: fp32 [d]; out: [n, d] in out_dtype.
 // out may be x itself when the dtypes are equal; it must not be residual.
+// codes / scales: the optional fp8 side output, as LaunchRmsNorm's.
 absl::Status LaunchAddRmsNorm(void* residual, DType residual_dtype, const void* x, DType x_dtype,
                               const void* weight, float eps, int64_t n, int64_t d, void* out,
-                              DType out_dtype, cudaStream_t stream);
+                              DType out_dtype, cudaStream_t stream, uint8_t* codes = nullptr,
+                              float* scales = nullptr);
 
 }  // namespace qshard::cuda
 

@@ -49,6 +49,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -57,6 +58,7 @@
 #include "absl/strings/str_cat.h"
 #include "quant/compressed_tensors.h"
 #include "quant/int_quant_matrix.h"
+#include "runtime/backend/cuda/act_quant.cuh"
 #include "runtime/backend/cuda/cuda_check.h"
 #include "runtime/backend/cuda/fp8_linear.h"
 #include "runtime/backend/cuda/pdl.cuh"
@@ -80,31 +82,6 @@ constexpr int kMaxRows = 16;
 // latency-bound (ncu on an H100: 5.5 us at k = 4096 and 13 us at 14336 with 256 threads).
 constexpr int kQuantThreads = 1024;
 constexpr int64_t kQuantMaxStageBytes = 32 * 1024;  // rows up to 16384 bf16 staged in smem
-
-// ---- bit-exact e4m3 encoding (the device twin of quant/fp8.h FloatToE4M3) -------------
-__device__ __forceinline__ uint32_t FloatToE4M3Device(float x) {
-  const uint32_t bits = __float_as_uint(x);
-  const uint32_t sign = (bits >> 24) & 0x80u;
-  const uint32_t mag = bits & 0x7FFFFFFFu;
-  if (mag > 0x7F800000u) return sign | 0x7Fu;   // NaN
-  if (mag == 0x7F800000u) return sign | 0x7Eu;  // inf saturates
-  if (mag == 0) return sign;
-  const int e = static_cast<int>(mag >> 23) - 127;
-  constexpr int kMinNormalExp = -6;  // 1 - bias 7
-  const int shift = 20 + (e < kMinNormalExp ? kMinNormalExp - e : 0);
-  if (shift >= 25) return sign;  // below half the smallest subnormal (float subnormals too)
-  const uint32_t sig = (mag & 0x7FFFFFu) | 0x800000u;
-  uint32_t q = sig >> shift;
-  const uint32_t rem = sig & ((1u << shift) - 1u);
-  const uint32_t halfway = 1u << (shift - 1);
-  if (rem > halfway || (rem == halfway && (q & 1u))) ++q;
-  // Subnormal: q is the code (q == 8 is the smallest normal); normal: q holds the implicit
-  // one at bit 3, so (exponent field - 1) << 3 plus q is the code and a rounding carry
-  // moves to the next binade.
-  uint32_t code = e < kMinNormalExp ? q : (static_cast<uint32_t>(e + 7 - 1) << 3) + q;
-  if (code > 0x7Eu) code = 0x7Eu;
-  return sign | code;
-}
 
 // ---- activation quantization -----------------------------------------------------------
 // kind: 0 fp8 per token, 1 fp8 static, 2 int8 per token. One block per row.
@@ -138,7 +115,7 @@ __global__ void __launch_bounds__(kQuantThreads)
   for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) amax = fmaxf(amax, warp_max[w]);
   float s;
   if (kind == 0) {
-    s = fmaxf(amax, 1e-12f) / 448.0f;  // IEEE division (no fast-math), as the CPU
+    s = Fp8PerTokenScale(amax);
   } else if (kind == 1) {
     s = static_scale;
   } else {
@@ -720,6 +697,19 @@ absl::StatusOr<std::unique_ptr<QuantLinear8>> QuantLinear8::Create(const LinearW
   return op;
 }
 
+namespace {
+std::atomic<bool>& FusedActQuantFlag() {
+  static std::atomic<bool> flag([] {
+    const char* env = std::getenv("QSHARD_CUDA_FUSED_ACT_QUANT");
+    return env != nullptr && std::string(env) == "1";
+  }());
+  return flag;
+}
+}  // namespace
+
+void SetFusedActQuant(bool on) { FusedActQuantFlag().store(on, std::memory_order_relaxed); }
+bool FusedActQuantEnabled() { return FusedActQuantFlag().load(std::memory_order_relaxed); }
+
 std::string QuantLinear8::kernel_name() const {
   return absl::StrCat("cuda-", ModeLabel(mode_), last_blas_ ? "-cublaslt" : "-gemv");
 }
@@ -777,20 +767,46 @@ absl::Status QuantLinear8::Run(const void* x, int64_t m, void* y, DType y_dtype,
   QSHARD_ASSIGN_OR_RETURN(Quant8Scratch act, GetQuant8Scratch(m * k_, m, 0, 0, 0, stream));
   QSHARD_RETURN_IF_ERROR(
       LaunchQuantizeActivations(x, m, k_, act_, static_scale_, act.codes, act.x_scale, stream));
+  return RunCodes(static_cast<const uint8_t*>(act.codes), act.x_scale, m, y, y_dtype, stream);
+}
+
+absl::Status QuantLinear8::RunQuantized(const uint8_t* codes, const float* scales, int64_t m,
+                                        void* y, DType y_dtype, cudaStream_t stream) {
+  if (!TakesFp8PerTokenCodes()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        name_, ": takes pre-quantized input only with fp8 per-token activations (mode ",
+        ModeLabel(mode_), ")"));
+  }
+  if (m < 0) return absl::InvalidArgumentError(absl::StrCat(name_, ": negative m ", m));
+  if (y_dtype != DType::kF32 && y_dtype != DType::kBF16) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        name_, ": output must be float32 or bfloat16, got ", std::string(DTypeName(y_dtype))));
+  }
+  if (m == 0) return absl::OkStatus();
+  if (codes == nullptr || scales == nullptr || y == nullptr || !Aligned16(codes)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        name_, ": codes must be a 16-byte aligned device pointer, scales and y non-null"));
+  }
+  return RunCodes(codes, scales, m, y, y_dtype, stream);
+}
+
+absl::Status QuantLinear8::RunCodes(const uint8_t* codes, const float* x_scale, int64_t m, void* y,
+                                    DType y_dtype, cudaStream_t stream) {
   if (m > kMaxRows && blas_capable_) {
-    QSHARD_ASSIGN_OR_RETURN(Quant8Scratch s, GetQuant8Scratch(m * k_, m, m * n_, 0, 0, stream));
+    // Only the accumulator: growing it leaves the codes and scales buffers where they are.
+    QSHARD_ASSIGN_OR_RETURN(Quant8Scratch s, GetQuant8Scratch(0, 0, m * n_, 0, 0, stream));
     const bool fp8 = mode_ == Quant8Mode::kFp8W8A8;
-    const absl::Status st = Quant8BlasGemm(fp8, weight_.get(), s.codes, s.acc, m, n_, k_, stream);
+    const absl::Status st = Quant8BlasGemm(fp8, weight_.get(), codes, s.acc, m, n_, k_, stream);
     if (st.ok()) {
       last_blas_ = true;
-      return LaunchScaleEpilogue(s.acc, !fp8, s.x_scale, w_scale_.as<float>(), bias_.as<float>(), y,
+      return LaunchScaleEpilogue(s.acc, !fp8, x_scale, w_scale_.as<float>(), bias_.as<float>(), y,
                                  y_dtype, m, n_, stream);
     }
     if (!absl::IsUnimplemented(st)) return st;
     // No cuBLASLt algorithm for this shape: the GEMV kernel over 16-row slices serves it.
   }
   last_blas_ = false;
-  return RunGemv(act.codes, act.x_scale, m, y, y_dtype, stream);
+  return RunGemv(codes, x_scale, m, y, y_dtype, stream);
 }
 
 }  // namespace qshard::cuda

@@ -127,6 +127,15 @@ absl::StatusOr<Quant8Scratch> GetQuant8Scratch(int64_t code_bytes, int64_t scale
 absl::Status Quant8BlasGemm(bool fp8, const void* w, const void* codes, void* acc, int64_t m,
                             int64_t n, int64_t k, cudaStream_t stream);
 
+// Process-wide switch: the CUDA backend lets the kernels that produce an fp8 per-token
+// linear's input (RMSNorm, residual add + RMSNorm, packed SiLU-and-mul) quantize it on the
+// side, and the linear skip its own quantize launch (QuantLinear8::RunQuantized): three
+// launches fewer per layer in fp8 W8A8 decode. Off by default until a GPU run has verified
+// it (the op tests compare the side codes bit for bit with the quantize kernel's);
+// QSHARD_CUDA_FUSED_ACT_QUANT=1 in the environment at first use turns it on. Thread-safe.
+void SetFusedActQuant(bool on);
+bool FusedActQuantEnabled();
+
 class QuantLinear8 {
  public:
   // Validates dtypes and shapes (errors name the layer and the tensor) and uploads the weight,
@@ -142,6 +151,16 @@ class QuantLinear8 {
   // ever before may grow the scratch buffers, which allocates).
   absl::Status Run(const void* x, int64_t m, void* y, DType y_dtype, cudaStream_t stream);
 
+  // fp8 W8A8 with per-token activation scales only (TakesFp8PerTokenCodes): Run for an x
+  // that a producer kernel already quantized (the fp8 side output of LaunchRmsNorm,
+  // LaunchAddRmsNorm, LaunchSiluMulPacked): codes [m, K] e4m3 (16-byte aligned) and scales
+  // fp32 [m], bit for bit what Run's own quantize step would make, so the result is Run's.
+  absl::Status RunQuantized(const uint8_t* codes, const float* scales, int64_t m, void* y,
+                            DType y_dtype, cudaStream_t stream);
+  bool TakesFp8PerTokenCodes() const {
+    return mode_ == Quant8Mode::kFp8W8A8 && act_ == ActQuant::kFp8PerToken;
+  }
+
   int64_t in_features() const { return k_; }
   int64_t out_features() const { return n_; }
   int64_t weight_bytes() const { return n_ * k_; }
@@ -154,6 +173,10 @@ class QuantLinear8 {
   QuantLinear8() = default;
   absl::Status RunGemv(const void* x_or_codes, const float* x_scale, int64_t m, void* y,
                        DType y_dtype, cudaStream_t stream);
+  // W8A8 from activation codes and scales: cuBLASLt for m > 16 where it serves the mode,
+  // else the GEMV kernel.
+  absl::Status RunCodes(const uint8_t* codes, const float* x_scale, int64_t m, void* y,
+                        DType y_dtype, cudaStream_t stream);
 
   std::string name_;
   Quant8Mode mode_ = Quant8Mode::kFp8W8A8;

@@ -401,6 +401,25 @@ void CheckLayer(Device& dev, const LayerCase& lc, int64_t n, int64_t k,
         Q8_ASSERT_OK(y->CopyToHost(bits.data(), bits.size() * sizeof(uint16_t), stream));
         for (size_t i = 0; i < bits.size(); ++i) got[i] = Bf16ToF32(bits[i]);
       }
+      if ((*op)->TakesFp8PerTokenCodes()) {
+        // The same x quantized by the quantize kernel outside the linear (what a producer's
+        // fp8 side output holds, see act_quant_side_test.cc): RunQuantized must give Run's
+        // bits.
+        auto codes = DeviceBuffer::Allocate(static_cast<size_t>(m * k));
+        auto scales = DeviceBuffer::Allocate(static_cast<size_t>(m) * sizeof(float));
+        auto y2 = DeviceBuffer::Allocate(static_cast<size_t>(m * n) * DTypeSize(yt));
+        ASSERT_TRUE(codes.ok() && scales.ok() && y2.ok());
+        Q8_ASSERT_OK(y2->Fill(0xFF, stream));
+        Q8_ASSERT_OK(LaunchQuantizeActivations(xd->get(), m, k, ActQuant::kFp8PerToken, 0.0f,
+                                               codes->get(), scales->as<float>(), stream));
+        Q8_ASSERT_OK((*op)->RunQuantized(codes->as<uint8_t>(), scales->as<float>(), m, y2->get(),
+                                         yt, stream));
+        const size_t bytes = static_cast<size_t>(m * n) * DTypeSize(yt);
+        std::vector<uint8_t> a(bytes), b(bytes);
+        Q8_ASSERT_OK(y->CopyToHost(a.data(), bytes, stream));
+        Q8_ASSERT_OK(y2->CopyToHost(b.data(), bytes, stream));
+        EXPECT_TRUE(a == b) << what << ": RunQuantized differs from Run";
+      }
       const std::string kernel = (*op)->kernel_name();
       const bool fp8_mma = fp8 && lc.act != ActQuant::kNone;
       ExpectClose(got, want, m, n, yt == DType::kBF16, fp8_mma,

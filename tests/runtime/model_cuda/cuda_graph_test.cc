@@ -19,6 +19,7 @@
 #include "runtime/backend/backend.h"
 #include "runtime/backend/cuda/attention.h"
 #include "runtime/backend/cuda/cuda_backend.h"
+#include "runtime/backend/cuda/fp8_linear.h"
 #include "runtime/model/llama_model.h"
 #include "tests/runtime/model_cuda/small_model.h"
 #include "tests/test_support.h"
@@ -134,20 +135,24 @@ TEST_P(CudaGraphTest, ReplayedDecodeStepsMatchEager) {
 
 // The fused kernels that are off by default (cuda::SetFusedRopeKvWrite: q|k|v split + RoPE
 // + KV write in one launch; cuda::SetFusedSplitCombine: attention's split combine inside
-// the attention kernel) against the separate launches: model 0 runs eagerly with them off,
-// model 1 with them on and with graphs (so their capture is covered too).
+// the attention kernel; cuda::SetFusedActQuant: fp8 activations quantized by the norm /
+// SiLU kernels that produce them) against the separate launches: model 0 runs eagerly with
+// them off, model 1 with them on and with graphs (so their capture is covered too).
 TEST_P(CudaGraphTest, FusedDecodeKernelsMatchSeparate) {
   const bool saved_rope = cuda::FusedRopeKvWriteEnabled();
   const bool saved_combine = cuda::FusedSplitCombineEnabled();
+  const bool saved_quant = cuda::FusedActQuantEnabled();
   const auto fused = [](int i) {
     cuda::SetFusedRopeKvWrite(i == 1);
     cuda::SetFusedSplitCombine(i == 1);
+    cuda::SetFusedActQuant(i == 1);
   };
   TwinRun run;
   const bool graphs[2] = {false, true};
   RunTwins(GetParam(), graphs, fused, &run);
   cuda::SetFusedRopeKvWrite(saved_rope);
   cuda::SetFusedSplitCombine(saved_combine);
+  cuda::SetFusedActQuant(saved_quant);
   if (run.backends[1] == nullptr) return;  // skipped
   std::printf("[ %s: fused vs separate, worst normwise difference %.3g ]\n", GetParam().c_str(),
               run.worst);
