@@ -18,9 +18,11 @@
 //     back, as the engine does by default), then also replayed from CUDA graphs, and that
 //     again with the opt-in fused kernels on ("+fused": q|k|v split + RoPE + KV write in
 //     one launch, attention's split combine inside the attention kernel, fp8 activations
-//     quantized by the kernels that produce them; QSHARD_CUDA_FUSED_ROPE_KV / _COMBINE /
-//     _ACT_QUANT) (--no-graphs skips these passes; a failure there is reported in the row
-//     and does not fail the run);
+//     quantized by the kernels that produce them, cuBLASLt algorithms chosen by timing;
+//     QSHARD_CUDA_FUSED_ROPE_KV / _COMBINE / _ACT_QUANT, QSHARD_CUDA_BLAS_AUTOTUNE)
+//     (--no-graphs skips these passes; a failure there is reported in the row and does not
+//     fail the run); for the dense formats also all linears at M = 1 with the autotuned
+//     cuBLASLt algorithms;
 //   - --sweep-splits: all decoder linears at M = 1 and 16 for several K-split targets
 //     (blocks per SM) of the quantized kernels, and "+graphs +fused" decode at the first
 //     batch size for several attention split lengths (cuda::SetAttentionMinSplitLen),
@@ -162,6 +164,7 @@ struct FormatResult {
   // from graphs with the opt-in fused kernels on [2] (0: failed, see fast_error).
   std::map<int64_t, double> fast_tps[3];
   double linear_ms_no_pdl = 0;  // all decoder linears at M = 1 with QSHARD_CUDA_PDL=0
+  double linear_ms_autotuned = 0;  // ... with cuBLASLt autotuning (dense formats; 0: n/a)
   struct SweepPoint {
     int blocks_per_sm;
     int64_t m;
@@ -395,6 +398,18 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
     QSHARD_RETURN_IF_ERROR(ms.status());
     r.linear_ms_no_pdl = *ms;
   }
+  if (r.kernel.find("cublaslt") != std::string::npos) {
+    // The same with cuBLASLt's algorithms chosen by timing (cuda::SetBlasAutotune) instead
+    // of by its heuristic; the plans are rebuilt before and after.
+    const bool saved = cuda::BlasAutotuneEnabled();
+    cuda::SetBlasAutotune(true);
+    QSHARD_RETURN_IF_ERROR(ResetCudaBlasPlans(*backend));
+    absl::StatusOr<double> ms = TimeLinears(*model, 1);
+    cuda::SetBlasAutotune(saved);
+    QSHARD_RETURN_IF_ERROR(ResetCudaBlasPlans(*backend));
+    QSHARD_RETURN_IF_ERROR(ms.status());
+    r.linear_ms_autotuned = *ms;
+  }
 
   const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
   QSHARD_ASSIGN_OR_RETURN(const int64_t blocks_per_seq,
@@ -413,11 +428,13 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
     // (1), sampled on the GPU with the step replayed from a CUDA graph (2), all three with
     // the process's settings, and (3) pass 2 with the opt-in fused kernels on (q|k|v split
     // + RoPE + KV write in one launch; attention's split combine inside the attention
-    // kernel; fp8 activations quantized by the norm / SiLU kernels that produce them).
+    // kernel; fp8 activations quantized by the norm / SiLU kernels that produce them;
+    // cuBLASLt algorithms chosen by timing).
     // Each pass rewrites the same cache positions, which is fine for timing.
     const bool fused_rope = cuda::FusedRopeKvWriteEnabled();
     const bool fused_combine = cuda::FusedSplitCombineEnabled();
     const bool fused_quant = cuda::FusedActQuantEnabled();
+    const bool autotune = cuda::BlasAutotuneEnabled();
     // tokens/s of `steps` decode steps (the first two not timed) as pass `pass` runs them.
     auto time_steps = [&](int pass) -> absl::StatusOr<double> {
       QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, false));  // drops the graphs
@@ -425,6 +442,10 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
       cuda::SetFusedRopeKvWrite(pass == 3 || fused_rope);
       cuda::SetFusedSplitCombine(pass == 3 || fused_combine);
       cuda::SetFusedActQuant(pass == 3 || fused_quant);
+      if (pass == 3 && !autotune) {  // dense linears (lm_head included) autotuned too
+        cuda::SetBlasAutotune(true);
+        QSHARD_RETURN_IF_ERROR(ResetCudaBlasPlans(*backend));
+      }
       std::vector<double> times;
       for (int64_t step = 0; step < steps; ++step) {
         for (int64_t s = 0; s < B; ++s) {
@@ -474,6 +495,10 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
     cuda::SetFusedRopeKvWrite(fused_rope);
     cuda::SetFusedSplitCombine(fused_combine);
     cuda::SetFusedActQuant(fused_quant);
+    if (cuda::BlasAutotuneEnabled() != autotune) {
+      cuda::SetBlasAutotune(autotune);
+      QSHARD_RETURN_IF_ERROR(ResetCudaBlasPlans(*backend));
+    }
   }
 
   if (prefill > 0) {
@@ -630,14 +655,14 @@ int Main(int argc, char** argv) {
     for (int64_t B : batches) {
       std::printf(" +graphs +fused b%lld tok/s |", static_cast<long long>(B));
     }
-    std::printf(" +graphs b1 / roofline | linears M=1 no-PDL ms |");
+    std::printf(" +graphs b1 / roofline | linears M=1 no-PDL ms | linears M=1 blas-autotune ms |");
   }
   std::printf("\n|---|---|---|---|---|---|");
   for (size_t i = 0; i < batches.size(); ++i) std::printf("---|");
   std::printf("---|---|---|");
   if (graphs) {
     for (size_t i = 0; i < 3 * batches.size(); ++i) std::printf("---|");
-    std::printf("---|---|");
+    std::printf("---|---|---|");
   }
   std::printf("\n");
   std::fflush(stdout);
@@ -674,6 +699,11 @@ int Main(int argc, char** argv) {
       const auto& g = r.fast_tps[1];
       const double g1 = g.count(batches.front()) ? g.at(batches.front()) : 0.0;
       std::printf(" %.0f%% | %.3f |", 100.0 * g1 / roof, r.linear_ms_no_pdl);
+      if (r.linear_ms_autotuned > 0) {
+        std::printf(" %.3f |", r.linear_ms_autotuned);
+      } else {
+        std::printf(" - |");
+      }
     }
     std::printf("\n");
     for (const auto& pt : r.sweep) {

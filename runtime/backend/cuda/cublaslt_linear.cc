@@ -1,9 +1,13 @@
 #include "runtime/backend/cuda/cublaslt_linear.h"
 
+#include <atomic>
+#include <cstdlib>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "runtime/backend/cuda/cuda_check.h"
@@ -24,7 +28,33 @@ uint32_t AlignmentOf(const void* p) {
 using PreferencePtr = std::unique_ptr<std::remove_pointer_t<cublasLtMatmulPreference_t>,
                                       decltype(&cublasLtMatmulPreferenceDestroy)>;
 
+// Candidates the autotuner times per problem.
+constexpr int kAutotuneCandidates = 8;
+
+std::atomic<bool>& AutotuneFlag() {
+  static std::atomic<bool> flag([] {
+    const char* env = std::getenv("QSHARD_CUDA_BLAS_AUTOTUNE");
+    return env != nullptr && std::string(env) == "1";
+  }());
+  return flag;
+}
+
+// The autotuner's choices, process-wide: (device, CublasLtLinear's plan key) -> algorithm.
+using TunedKey =
+    std::tuple<int, int64_t, int64_t, int64_t, DType, uint32_t, uint32_t, uint32_t, DType>;
+struct TunedAlgos {
+  std::mutex mu;
+  std::map<TunedKey, cublasLtMatmulAlgo_t> algos;  // guarded by mu
+};
+TunedAlgos& Tuned() {
+  static TunedAlgos* t = new TunedAlgos();  // never destroyed: used until exit
+  return *t;
+}
+
 }  // namespace
+
+void SetBlasAutotune(bool on) { AutotuneFlag().store(on, std::memory_order_relaxed); }
+bool BlasAutotuneEnabled() { return AutotuneFlag().load(std::memory_order_relaxed); }
 
 // The descriptors and algorithm of one problem; read-only once built, so concurrent
 // Linear calls may share it.
@@ -67,7 +97,53 @@ size_t CublasLtLinear::cached_plans() const {
   return plans_.size();
 }
 
-absl::StatusOr<const CublasLtLinear::Plan*> CublasLtLinear::GetPlan(const PlanKey& key) {
+void CublasLtLinear::ClearPlans() {
+  std::lock_guard<std::mutex> lock(mu_);
+  plans_.clear();
+}
+
+absl::StatusOr<size_t> CublasLtLinear::FastestAlgo(const Plan& plan,
+                                                   const cublasLtMatmulAlgo_t* algos, size_t count,
+                                                   const void* x, const void* w, void* y,
+                                                   cudaStream_t stream) {
+  cudaEvent_t start = nullptr, stop = nullptr;
+  QSHARD_CUDA_RETURN_IF_ERROR(cudaEventCreate(&start));
+  const cudaError_t created = cudaEventCreate(&stop);
+  if (created != cudaSuccess) {
+    (void)cudaEventDestroy(start);
+    QSHARD_CUDA_RETURN_IF_ERROR(created);
+  }
+  const float alpha = 1.0f, beta = 0.0f;
+  auto run = [&](const cublasLtMatmulAlgo_t& algo) {
+    return cublasLtMatmul(handle_, plan.op, &alpha, w, plan.w_layout, x, plan.x_layout, &beta, y,
+                          plan.y_layout, y, plan.y_layout, &algo, workspace_.get(),
+                          workspace_.size(), stream);
+  };
+  constexpr int kRuns = 5;
+  size_t best = 0;
+  float best_ms = -1.0f;
+  for (size_t i = 0; i < count; ++i) {
+    if (run(algos[i]) != CUBLAS_STATUS_SUCCESS) continue;  // warm-up; skip what fails
+    bool ok = cudaEventRecord(start, stream) == cudaSuccess;
+    for (int r = 0; ok && r < kRuns; ++r) ok = run(algos[i]) == CUBLAS_STATUS_SUCCESS;
+    ok = ok && cudaEventRecord(stop, stream) == cudaSuccess &&
+         cudaEventSynchronize(stop) == cudaSuccess;
+    float ms = 0.0f;
+    if (ok && cudaEventElapsedTime(&ms, start, stop) == cudaSuccess &&
+        (best_ms < 0.0f || ms < best_ms)) {
+      best_ms = ms;
+      best = i;
+    }
+  }
+  (void)cudaEventDestroy(start);
+  (void)cudaEventDestroy(stop);
+  (void)cudaGetLastError();  // a failed candidate must not leave an error behind
+  return best;
+}
+
+absl::StatusOr<const CublasLtLinear::Plan*> CublasLtLinear::GetPlan(const PlanKey& key,
+                                                                    const void* x, const void* w,
+                                                                    void* y, cudaStream_t stream) {
   std::lock_guard<std::mutex> lock(mu_);
   if (auto it = plans_.find(key); it != plans_.end()) return it->second.get();
 
@@ -109,11 +185,16 @@ absl::StatusOr<const CublasLtLinear::Plan*> CublasLtLinear::GetPlan(const PlanKe
         cublasLtMatmulPreferenceSetAttribute(pref.get(), attribute, &bytes, sizeof(bytes)));
   }
 
-  cublasLtMatmulHeuristicResult_t result{};
+  // The heuristic's candidates, best first (one unless autotuning).
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  QSHARD_CUDA_RETURN_IF_ERROR(cudaStreamIsCapturing(stream, &capturing));
+  const bool autotune = BlasAutotuneEnabled() && capturing == cudaStreamCaptureStatusNone;
+  cublasLtMatmulHeuristicResult_t results[kAutotuneCandidates] = {};
   int returned = 0;
   QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulAlgoGetHeuristic(
       handle_, plan->op, plan->w_layout, plan->x_layout, plan->y_layout, plan->y_layout, pref.get(),
-      1, &result, &returned));
+      autotune ? kAutotuneCandidates : 1, results, &returned));
+  const cublasLtMatmulHeuristicResult_t& result = results[0];
   if (returned == 0 || result.state != CUBLAS_STATUS_SUCCESS) {
     return absl::UnimplementedError(
         absl::StrCat("cuBLASLt has no ", std::string(DTypeName(ab_dtype)), " algorithm for y[", m, ", ", n, "] = x[", m, ", ", k,
@@ -121,6 +202,27 @@ absl::StatusOr<const CublasLtLinear::Plan*> CublasLtLinear::GetPlan(const PlanKe
                      align_x, ", w ", align_w, ", y ", align_y, " bytes)"));
   }
   plan->algo = result.algo;
+  if (BlasAutotuneEnabled()) {
+    // The process's earlier choice for this problem, else (when the stream may be timed)
+    // the fastest candidate, remembered for every CublasLtLinear of the process.
+    int device = 0;
+    QSHARD_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+    TunedAlgos& tuned = Tuned();
+    std::lock_guard<std::mutex> tuned_lock(tuned.mu);
+    const TunedKey id = std::tuple_cat(std::make_tuple(device), key);
+    if (auto it = tuned.algos.find(id); it != tuned.algos.end()) {
+      plan->algo = it->second;
+    } else if (autotune && returned > 1) {
+      std::vector<cublasLtMatmulAlgo_t> algos;
+      for (int i = 0; i < returned; ++i) {
+        if (results[i].state == CUBLAS_STATUS_SUCCESS) algos.push_back(results[i].algo);
+      }
+      QSHARD_ASSIGN_OR_RETURN(const size_t best,
+                              FastestAlgo(*plan, algos.data(), algos.size(), x, w, y, stream));
+      plan->algo = algos[best];
+      tuned.algos.emplace(id, plan->algo);
+    }
+  }
   const Plan* raw = plan.get();
   plans_.emplace(key, std::move(plan));
   return raw;
@@ -143,9 +245,10 @@ absl::Status CublasLtLinear::Linear(const void* x, const void* w, void* y, DType
   if (x == nullptr || w == nullptr || y == nullptr) {
     return absl::InvalidArgumentError("Linear: null pointer");
   }
-  QSHARD_ASSIGN_OR_RETURN(const Plan* plan, GetPlan(PlanKey{m, n, k, y_dtype, AlignmentOf(x),
-                                                            AlignmentOf(w), AlignmentOf(y),
-                                                            ab_dtype}));
+  QSHARD_ASSIGN_OR_RETURN(
+      const Plan* plan,
+      GetPlan(PlanKey{m, n, k, y_dtype, AlignmentOf(x), AlignmentOf(w), AlignmentOf(y), ab_dtype},
+              x, w, y, stream));
   const float alpha = 1.0f;
   const float beta = 0.0f;  // C is not read, so y may hold garbage (or NaN poison)
   QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(

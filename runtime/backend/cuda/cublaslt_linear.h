@@ -58,6 +58,9 @@ class CublasLtLinear {
 
   // Number of problems whose algorithm has been chosen so far (for tests and stats).
   size_t cached_plans() const;
+  // Forgets every plan, so the next call of each problem chooses again (benchmarks that
+  // compare the heuristic's choice with BlasAutotuneEnabled()'s). Not during a capture.
+  void ClearPlans();
 
  private:
   // (m, n, k, y dtype, alignment of x, w, y in bytes, x/w dtype): the heuristic's answer
@@ -67,13 +70,31 @@ class CublasLtLinear {
   struct Plan;
 
   CublasLtLinear(cublasLtHandle_t handle, DeviceBuffer workspace);
-  absl::StatusOr<const Plan*> GetPlan(const PlanKey& key);
+  // The plan of `key`, built on first use. x, w, y, stream: the first call's operands, on
+  // which the candidates are timed when autotuning.
+  absl::StatusOr<const Plan*> GetPlan(const PlanKey& key, const void* x, const void* w, void* y,
+                                      cudaStream_t stream);
+  // Times each candidate algorithm on the operands (a few runs each) and returns the index
+  // of the fastest; the operands' contents are not changed but y's.
+  absl::StatusOr<size_t> FastestAlgo(const Plan& plan, const cublasLtMatmulAlgo_t* algos,
+                                     size_t count, const void* x, const void* w, void* y,
+                                     cudaStream_t stream);
 
   cublasLtHandle_t handle_ = nullptr;
   DeviceBuffer workspace_;
   mutable std::mutex mu_;
   std::map<PlanKey, std::unique_ptr<Plan>> plans_;  // guarded by mu_
 };
+
+// Process-wide switch: with it on, a problem's first call times up to 8 of the heuristic's
+// candidate algorithms on its real operands (one host synchronization, once per problem;
+// never while the stream is being captured into a graph) and keeps the fastest, instead of
+// the heuristic's first choice. The choice is shared by every CublasLtLinear of the process
+// (so two backends give the same bits), but it may differ between processes, as timing
+// does, and with it the rounding of the sums: like cuDNN's benchmark mode. Off by default
+// until a GPU run has measured it; QSHARD_CUDA_BLAS_AUTOTUNE=1 at first use turns it on.
+void SetBlasAutotune(bool on);
+bool BlasAutotuneEnabled();
 
 }  // namespace qshard::cuda
 

@@ -278,6 +278,10 @@ class CudaBackend : public Backend {
     graphs_enabled_ = on;
     if (!on) DropGraphs();
   }
+  void ResetBlasPlans() {
+    DropGraphs();
+    blas_->ClearPlans();
+  }
   std::pair<int64_t, int64_t> graph_stats() const { return {graph_captures_, graph_replays_}; }
 
   Device device() const override { return Device::kCuda; }
@@ -1172,6 +1176,13 @@ absl::Status SetCudaSampling(Backend& backend, bool on) {
   auto* cuda = dynamic_cast<CudaBackend*>(&backend);
   if (cuda == nullptr) return absl::InvalidArgumentError("SetCudaSampling: not a CUDA backend");
   cuda->SetSampling(on);
+  return absl::OkStatus();
+}
+
+absl::Status ResetCudaBlasPlans(Backend& backend) {
+  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
+  if (cuda == nullptr) return absl::InvalidArgumentError("ResetCudaBlasPlans: not a CUDA backend");
+  cuda->ResetBlasPlans();
   return absl::OkStatus();
 }
 

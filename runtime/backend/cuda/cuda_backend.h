@@ -45,6 +45,11 @@ absl::Status SetCudaSampling(Backend& backend, bool on);
 // (graphs captured, graph replays) so far; (0, 0) for other backends.
 std::pair<int64_t, int64_t> CudaGraphStats(const Backend& backend);
 
+// Forgets the backend's cuBLASLt plans (and drops its CUDA graphs, which hold them), so the
+// next call of each dense problem chooses its algorithm again: for benchmarks comparing
+// the heuristic's choice with cuda::SetBlasAutotune's.
+absl::Status ResetCudaBlasPlans(Backend& backend);
+
 }  // namespace qshard
 
 #endif  // QSHARD_RUNTIME_BACKEND_CUDA_CUDA_BACKEND_H_

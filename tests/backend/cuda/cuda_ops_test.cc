@@ -437,6 +437,54 @@ TEST_F(CudaOpsTest, LinearMatchesCpu) {
   EXPECT_EQ(blas->cached_plans(), plans);
 }
 
+// cuBLASLt autotuning (SetBlasAutotune): the timed choice is still a correct algorithm for
+// the problem (same tolerance as the heuristic's), and a second CublasLtLinear of the process
+// takes the same choice (bitwise equal outputs, no re-timing needed), which is what keeps
+// two backends of one process (graph and eager in the graph test) in agreement.
+TEST_F(CudaOpsTest, LinearAutotunedMatchesCpuAndIsSharedByTheProcess) {
+  const bool saved = BlasAutotuneEnabled();
+  SetBlasAutotune(true);
+  QSHARD_ASSERT_OK_AND_ASSIGN(std::unique_ptr<CublasLtLinear> a, CublasLtLinear::Create());
+  QSHARD_ASSERT_OK_AND_ASSIGN(std::unique_ptr<CublasLtLinear> b, CublasLtLinear::Create());
+  const int64_t n = 4096, k = 4096;
+  const std::vector<float> w = RandomBf16Values(n * k, -1.0f / 64, 1.0f / 64, 701);
+  const Tensor host_w = HostBf16Tensor(w, {n, k});
+  QSHARD_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_w, Upload(w, DType::kBF16, stream()));
+  for (int64_t m : {1, 16}) {
+    const std::vector<float> x = RandomBf16Values(m * k, -1.0f, 1.0f, 702 + m);
+    QSHARD_ASSERT_OK_AND_ASSIGN(DeviceBuffer d_x, Upload(x, DType::kBF16, stream()));
+    std::vector<float> want(m * n, kNaN);
+    cpu::Linear(x.data(), m, host_w, nullptr, want.data());
+    const std::string what = absl::StrCat("autotuned Linear m=", m, " n=", n, " k=", k);
+    QSHARD_ASSERT_OK_AND_ASSIGN(DeviceBuffer ya, Poisoned(m * n, DType::kF32, stream()));
+    QSHARD_ASSERT_OK_AND_ASSIGN(DeviceBuffer yb, Poisoned(m * n, DType::kF32, stream()));
+    const absl::Status sa =
+        a->Linear(d_x.get(), d_w.get(), ya.get(), DType::kF32, m, n, k, stream());
+    const absl::Status sb =
+        b->Linear(d_x.get(), d_w.get(), yb.get(), DType::kF32, m, n, k, stream());
+    SetBlasAutotune(saved);
+    QSHARD_ASSERT_OK(sa);
+    QSHARD_ASSERT_OK(sb);
+    SetBlasAutotune(true);
+    QSHARD_ASSERT_OK_AND_ASSIGN(std::vector<float> got_a,
+                                Download(ya, DType::kF32, m * n, stream()));
+    QSHARD_ASSERT_OK_AND_ASSIGN(std::vector<float> got_b,
+                                Download(yb, DType::kF32, m * n, stream()));
+    ExpectClose(got_a, want, m, n, LinearTolerance(DType::kF32), what);
+    EXPECT_TRUE(got_a == got_b) << what << ": two CublasLtLinear instances chose differently";
+  }
+  SetBlasAutotune(saved);
+}
+
+TEST(CudaOpsArgsTest, BlasAutotuneSwitch) {
+  const bool saved = BlasAutotuneEnabled();
+  SetBlasAutotune(true);
+  EXPECT_TRUE(BlasAutotuneEnabled());
+  SetBlasAutotune(false);
+  EXPECT_FALSE(BlasAutotuneEnabled());
+  SetBlasAutotune(saved);
+}
+
 // Row views start in the middle of a buffer, less aligned than cudaMalloc's 256 bytes:
 // the heuristic must be told, or it may pick an algorithm that faults or is refused.
 TEST_F(CudaOpsTest, LinearOnUnalignedRowViews) {
