@@ -617,26 +617,17 @@ int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // The tensor-core prefill switch: on unless QSHARD_CUDA_TC_ATTENTION=0 at first use, then
 // whatever SetTensorCorePrefillAttention stored.
 std::atomic<bool>& TensorCorePrefillFlag() {
-  static std::atomic<bool> flag([] {
-    const char* env = std::getenv("QSHARD_CUDA_TC_ATTENTION");
-    return env == nullptr || std::string(env) != "0";
-  }());
+  static std::atomic<bool> flag(EnvSwitch("QSHARD_CUDA_TC_ATTENTION", /*default_on=*/true));
   return flag;
 }
 
 std::atomic<bool>& FusedCombineFlag() {
-  static std::atomic<bool> flag([] {
-    const char* env = std::getenv("QSHARD_CUDA_FUSED_COMBINE");
-    return env != nullptr && std::string(env) == "1";
-  }());
+  static std::atomic<bool> flag(EnvSwitch("QSHARD_CUDA_FUSED_COMBINE", /*default_on=*/false));
   return flag;
 }
 
 std::atomic<bool>& FusedRopeKvFlag() {
-  static std::atomic<bool> flag([] {
-    const char* env = std::getenv("QSHARD_CUDA_FUSED_ROPE_KV");
-    return env != nullptr && std::string(env) == "1";
-  }());
+  static std::atomic<bool> flag(EnvSwitch("QSHARD_CUDA_FUSED_ROPE_KV", /*default_on=*/false));
   return flag;
 }
 

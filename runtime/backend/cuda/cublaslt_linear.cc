@@ -32,10 +32,7 @@ using PreferencePtr = std::unique_ptr<std::remove_pointer_t<cublasLtMatmulPrefer
 constexpr int kAutotuneCandidates = 8;
 
 std::atomic<bool>& AutotuneFlag() {
-  static std::atomic<bool> flag([] {
-    const char* env = std::getenv("QSHARD_CUDA_BLAS_AUTOTUNE");
-    return env != nullptr && std::string(env) == "1";
-  }());
+  static std::atomic<bool> flag(EnvSwitch("QSHARD_CUDA_BLAS_AUTOTUNE", /*default_on=*/false));
   return flag;
 }
 

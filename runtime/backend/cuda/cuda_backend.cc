@@ -260,12 +260,10 @@ class CudaBackend : public Backend {
     QSHARD_ASSIGN_OR_RETURN(b->info_, cuda::QueryDevice(0));
     QSHARD_ASSIGN_OR_RETURN(b->stream_, cuda::CudaStream::Create());
     QSHARD_ASSIGN_OR_RETURN(b->blas_, cuda::CublasLtLinear::Create());
-    const char* graphs = std::getenv("QSHARD_CUDA_GRAPHS");
     // On unless the environment says 0 (verified on an H100: the model and fixture tests
     // with both on, and qshard_cuda_bench's decode columns).
-    b->graphs_enabled_ = graphs == nullptr || std::string(graphs) != "0";
-    const char* sampling = std::getenv("QSHARD_CUDA_SAMPLING");
-    b->sampling_enabled_ = sampling == nullptr || std::string(sampling) != "0";
+    b->graphs_enabled_ = cuda::EnvSwitch("QSHARD_CUDA_GRAPHS", /*default_on=*/true);
+    b->sampling_enabled_ = cuda::EnvSwitch("QSHARD_CUDA_SAMPLING", /*default_on=*/true);
     return std::unique_ptr<Backend>(std::move(b));
   }
   ~CudaBackend() override {

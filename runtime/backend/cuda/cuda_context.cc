@@ -78,6 +78,13 @@ std::string DeviceInfo::ToString() const {
                          (driver_version % 1000) / 10);
 }
 
+bool EnvSwitch(const char* name, bool default_on) {
+  const char* env = std::getenv(name);
+  if (env == nullptr) return default_on;
+  const std::string_view v(env);
+  return default_on ? v != "0" : v == "1";
+}
+
 absl::StatusOr<DeviceInfo> QueryDevice(int ordinal) {
   const int count = CudaDeviceCount();
   if (ordinal < 0 || ordinal >= count) {
@@ -154,8 +161,7 @@ bool ProgrammaticLaunchEnabled() {
   int v = g_pdl.load(std::memory_order_acquire);
   if (v < 0) {
     int device = 0, major = 0;
-    const char* env = std::getenv("QSHARD_CUDA_PDL");
-    const bool env_off = env != nullptr && std::string_view(env) == "0";
+    const bool env_off = !EnvSwitch("QSHARD_CUDA_PDL", /*default_on=*/true);
     v = (!env_off && cudaGetDevice(&device) == cudaSuccess &&
          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
              cudaSuccess &&

@@ -26,6 +26,10 @@ namespace qshard::cuda {
 // visible. Never fails loudly: on a machine without a GPU or driver it returns false.
 bool CudaDeviceAvailable();
 
+// The value of the on/off environment switch `name` (QSHARD_CUDA_*): default_on switches are
+// turned off by "0", default-off ones turned on by "1"; anything else leaves the default.
+bool EnvSwitch(const char* name, bool default_on);
+
 // What the backend needs to know about one device, read once at start.
 struct DeviceInfo {
   int ordinal = 0;

@@ -699,10 +699,7 @@ absl::StatusOr<std::unique_ptr<QuantLinear8>> QuantLinear8::Create(const LinearW
 
 namespace {
 std::atomic<bool>& FusedActQuantFlag() {
-  static std::atomic<bool> flag([] {
-    const char* env = std::getenv("QSHARD_CUDA_FUSED_ACT_QUANT");
-    return env != nullptr && std::string(env) == "1";
-  }());
+  static std::atomic<bool> flag(EnvSwitch("QSHARD_CUDA_FUSED_ACT_QUANT", /*default_on=*/false));
   return flag;
 }
 }  // namespace

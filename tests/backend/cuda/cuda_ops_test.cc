@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iterator>
 #include <limits>
@@ -474,6 +475,23 @@ TEST_F(CudaOpsTest, LinearAutotunedMatchesCpuAndIsSharedByTheProcess) {
     EXPECT_TRUE(got_a == got_b) << what << ": two CublasLtLinear instances chose differently";
   }
   SetBlasAutotune(saved);
+}
+
+TEST(CudaOpsArgsTest, EnvSwitchReadsOnlyZeroAndOne) {
+  const char* name = "QSHARD_CUDA_TEST_ONLY_SWITCH";
+  ::unsetenv(name);
+  EXPECT_TRUE(EnvSwitch(name, true));
+  EXPECT_FALSE(EnvSwitch(name, false));
+  ::setenv(name, "0", 1);
+  EXPECT_FALSE(EnvSwitch(name, true));
+  EXPECT_FALSE(EnvSwitch(name, false));
+  ::setenv(name, "1", 1);
+  EXPECT_TRUE(EnvSwitch(name, true));
+  EXPECT_TRUE(EnvSwitch(name, false));
+  ::setenv(name, "yes", 1);  // neither: the default stays
+  EXPECT_TRUE(EnvSwitch(name, true));
+  EXPECT_FALSE(EnvSwitch(name, false));
+  ::unsetenv(name);
 }
 
 TEST(CudaOpsArgsTest, BlasAutotuneSwitch) {
