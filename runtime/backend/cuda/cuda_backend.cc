@@ -826,11 +826,12 @@ class CudaBackend : public Backend {
   }
 
   // Zeroed tickets for the in-kernel split combine of attention (cuda::PagedAttentionArgs::
-  // split_counters), grown (never during a graph capture: LaunchPagedAttention then falls
-  // back to the separate combine) to what a step of `seqs` sequences may need.
+  // split_counters), grown to what a step of `seqs` sequences may need, in eager steps only:
+  // a capture then falls back to the separate combine, and a replay launches a graph that
+  // may point at the current buffer, which must not be freed under it.
   absl::Status EnsureSplitTickets(int64_t seqs, int64_t num_heads) {
     const int64_t need = cuda::PagedAttentionSplitTickets(seqs, num_heads);
-    if (need <= split_tickets_len_ || mode_ == StepMode::kCapture) return absl::OkStatus();
+    if (need <= split_tickets_len_ || mode_ != StepMode::kEager) return absl::OkStatus();
     const int64_t len = std::max<int64_t>(need, 2 * split_tickets_len_);
     QSHARD_ASSIGN_OR_RETURN(DeviceBuffer buf,
                             DeviceBuffer::Allocate(static_cast<size_t>(len) * sizeof(int32_t)));
