@@ -126,9 +126,9 @@ __global__ void SiluMulPackedKernel(const T* __restrict__ gate_up, T* __restrict
 // row of bf16 (the row's largest |value| needs the whole row), out [rows, cols], codes
 // [rows, cols] e4m3 and scales [rows].
 template <int kVec>
-__global__ void SiluMulPackedRowKernel(const bf16* __restrict__ gate_up, bf16* __restrict__ out,
-                                       int cols, uint8_t* __restrict__ codes,
-                                       float* __restrict__ scales) {
+__global__ void __launch_bounds__(1024)
+    SiluMulPackedRowKernel(const bf16* __restrict__ gate_up, bf16* __restrict__ out, int cols,
+                           uint8_t* __restrict__ codes, float* __restrict__ scales) {
   PdlWait();  // launched with LaunchPdl: the inputs are ready after this (pdl.cuh)
   PdlLaunchDependents();
   using P = Pack<bf16, kVec>;
