@@ -69,6 +69,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "kv/memory_planner.h"
 #include "kv/model_shapes.h"
 #include "runtime/backend/cuda/attention.h"
 #include "runtime/backend/cuda/cublaslt_linear.h"
@@ -279,12 +280,7 @@ absl::StatusOr<int64_t> AllocateBenchCache(LlamaModel& model, int64_t max_batch,
                                            int64_t prefill) {
   const ModelConfig& shape = model.config();
   const int64_t blocks_per_seq = (seq_tokens + kBenchBlockSize - 1) / kBenchBlockSize;
-  KvCacheSpec spec;
-  spec.num_layers = shape.num_layers;
-  spec.num_kv_heads = shape.num_kv_heads;
-  spec.head_dim = shape.head_dim;
-  spec.block_size = kBenchBlockSize;
-  spec.dtype = DType::kBF16;
+  KvCacheSpec spec = KvCacheSpecFor(shape, DType::kBF16, kBenchBlockSize);
   spec.num_blocks =
       std::max(max_batch * blocks_per_seq, (prefill + kBenchBlockSize - 1) / kBenchBlockSize);
   QSHARD_RETURN_IF_ERROR(model.AllocateKvCache(spec));

@@ -107,15 +107,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
         absl::StrCat("--block-size must be in [1, 1024], got ", options.block_size));
   }
 
-  KvCacheSpec spec;
-  spec.num_layers = config.num_layers;
-  spec.num_kv_heads = config.num_kv_heads;
-  spec.head_dim = config.head_dim;
-  spec.block_size = options.block_size;
   // The CPU computes in fp32 (like the reference), so its "auto" KV dtype is fp32.
   const DType auto_dtype =
       e->backend_->device() == Device::kCpu ? DType::kF32 : config.dtype;
-  spec.dtype = ResolveKvCacheDType(options.kv_cache_dtype, auto_dtype);
+  KvCacheSpec spec = KvCacheSpecFor(config, ResolveKvCacheDType(options.kv_cache_dtype, auto_dtype),
+                                    options.block_size);
   int64_t budget =
       options.kv_cache_memory_bytes > 0 ? options.kv_cache_memory_bytes : (int64_t{512} << 20);
   if (e->backend_->device() == Device::kCuda && options.kv_cache_memory_bytes <= 0) {

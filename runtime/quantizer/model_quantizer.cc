@@ -12,6 +12,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "kv/memory_planner.h"
 #include "nlohmann/json.hpp"
 #include "quant/awq.h"
 #include "quant/gptq.h"
@@ -218,12 +219,7 @@ absl::Status Quantizer::LoadCalibration() {
   Progress(absl::StrFormat("calibration: %d tokens in %d sequences of up to %d from %s",
                            calib_tokens_, calib_.size(), len, o_.calib_file));
   // One sequence per step; the cache holds the longest.
-  KvCacheSpec spec;
-  spec.num_layers = config_.num_layers;
-  spec.num_kv_heads = config_.num_kv_heads;
-  spec.head_dim = config_.head_dim;
-  spec.block_size = 16;
-  spec.dtype = DType::kF32;
+  KvCacheSpec spec = KvCacheSpecFor(config_, DType::kF32, 16);
   spec.num_blocks = (len + spec.block_size - 1) / spec.block_size;
   return model_->AllocateKvCache(spec);
 }
@@ -606,12 +602,7 @@ absl::StatusOr<QuantizeReport> Quantizer::Run() {
   if (!o_.eval_text_file.empty()) {
     QSHARD_ASSIGN_OR_RETURN(std::string text, ReadTextFile(o_.eval_text_file));
     PerplexityOptions po;
-    KvCacheSpec spec;
-    spec.num_layers = config_.num_layers;
-    spec.num_kv_heads = config_.num_kv_heads;
-    spec.head_dim = config_.head_dim;
-    spec.block_size = po.block_size;
-    spec.dtype = DType::kF32;
+    KvCacheSpec spec = KvCacheSpecFor(config_, DType::kF32, po.block_size);
     spec.num_blocks = po.windows_per_step * ((po.window + po.block_size - 1) / po.block_size);
     QSHARD_RETURN_IF_ERROR(model_->AllocateKvCache(spec));
     QSHARD_ASSIGN_OR_RETURN(PerplexityResult r,

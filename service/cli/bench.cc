@@ -194,13 +194,11 @@ BuildDummyModel(const EngineOptions& options, const std::string& shape_name,
     return absl::InvalidArgumentError(
         absl::StrCat("--block-size must be in [1, 1024], got ", options.block_size));
   }
-  KvCacheSpec spec;
-  spec.num_layers = shape.num_layers;
-  spec.num_kv_heads = shape.num_kv_heads;
-  spec.head_dim = shape.head_dim;
-  spec.block_size = options.block_size;
-  spec.dtype = ResolveKvCacheDType(
-      options.kv_cache_dtype, backend->device() == Device::kCpu ? DType::kF32 : shape.dtype);
+  KvCacheSpec spec = KvCacheSpecFor(
+      shape,
+      ResolveKvCacheDType(options.kv_cache_dtype,
+                          backend->device() == Device::kCpu ? DType::kF32 : shape.dtype),
+      options.block_size);
   const int64_t bs = spec.block_size;
   int64_t needed = (prefill_tokens + bs - 1) / bs;
   for (int64_t b : batches) needed = std::max(needed, b * ((16 + decode_steps + bs - 1) / bs));

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kv/memory_planner.h"
 #include "runtime/backend/backend.h"
 #include "runtime/checkpoint/safetensors.h"
 #include "runtime/model/llama_model.h"
@@ -78,13 +79,8 @@ Loaded Load(const Case& c, bool fuse) {
   if (!model.ok()) return out;
   out.model = std::move(*model);
   const ModelConfig& cfg = out.model->config();
-  KvCacheSpec spec;
-  spec.num_layers = cfg.num_layers;
-  spec.num_kv_heads = cfg.num_kv_heads;
-  spec.head_dim = cfg.head_dim;
-  spec.block_size = 16;
+  KvCacheSpec spec = KvCacheSpecFor(cfg, DType::kF32, 16);
   spec.num_blocks = 16;
-  spec.dtype = DType::kF32;
   EXPECT_TRUE(out.model->AllocateKvCache(spec).ok());
   return out;
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kv/memory_planner.h"
 #include "runtime/backend/backend.h"
 #include "runtime/backend/cpu/isa.h"
 #include "runtime/backend/cpu/ops.h"
@@ -74,13 +75,8 @@ class QuantizedReferenceTest : public ::testing::TestWithParam<Case> {
     auto model = LlamaModel::Load(load_dir, *config, backend_.get(), options);
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
-    KvCacheSpec spec;
-    spec.num_layers = config->num_layers;
-    spec.num_kv_heads = config->num_kv_heads;
-    spec.head_dim = config->head_dim;
-    spec.block_size = 16;
+    KvCacheSpec spec = KvCacheSpecFor(*config, DType::kF32, 16);
     spec.num_blocks = 16;
-    spec.dtype = DType::kF32;
     ASSERT_TRUE(model_->AllocateKvCache(spec).ok());
   }
 

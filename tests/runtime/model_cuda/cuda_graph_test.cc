@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kv/memory_planner.h"
 #include "runtime/backend/backend.h"
 #include "runtime/backend/cuda/attention.h"
 #include "runtime/backend/cuda/cuda_backend.h"
@@ -51,13 +52,8 @@ void RunTwins(const std::string& format, const bool graphs[2],
     auto m = LlamaModel::CreateDummy(shape, format, run->backends[i].get(), 7);
     ASSERT_TRUE(m.ok()) << m.status();
     models[i] = std::move(*m);
-    KvCacheSpec spec;
-    spec.num_layers = shape.num_layers;
-    spec.num_kv_heads = shape.num_kv_heads;
-    spec.head_dim = shape.head_dim;
-    spec.block_size = 16;
+    KvCacheSpec spec = KvCacheSpecFor(shape, DType::kBF16, 16);
     spec.num_blocks = 64;
-    spec.dtype = DType::kBF16;
     ASSERT_TRUE(models[i]->AllocateKvCache(spec).ok());
   }
   // Two sequences: A starts at 250 tokens (crosses the 256 bucket while decoding), B at 30.

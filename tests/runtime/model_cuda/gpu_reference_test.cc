@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kv/memory_planner.h"
 #include "runtime/backend/backend.h"
 #include "runtime/checkpoint/model_config.h"
 #include "runtime/model/llama_model.h"
@@ -84,13 +85,10 @@ class GpuReferenceTest : public ::testing::TestWithParam<Case> {
     auto model = LlamaModel::Load(load_dir, *config, backend_.get(), options);
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
-    KvCacheSpec spec;
-    spec.num_layers = config->num_layers;
-    spec.num_kv_heads = config->num_kv_heads;
-    spec.head_dim = config->head_dim;
-    spec.block_size = 16;
+    // "auto" on a GPU: the checkpoint's 16-bit type.
+    KvCacheSpec spec = KvCacheSpecFor(
+        *config, config->dtype == DType::kF16 ? DType::kF16 : DType::kBF16, /*block_size=*/16);
     spec.num_blocks = 16;
-    spec.dtype = config->dtype == DType::kF16 ? DType::kF16 : DType::kBF16;  // "auto" on a GPU
     ASSERT_TRUE(model_->AllocateKvCache(spec).ok());
   }
 

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "kv/memory_planner.h"
 #include "runtime/backend/backend.h"
 #include "runtime/model/llama_model.h"
 #include "tests/runtime/model_cuda/small_model.h"
@@ -59,13 +60,8 @@ TEST_P(GpuVsCpuModelTest, ForwardStepsMatchCpu) {
     auto m = LlamaModel::CreateDummy(shape, format, s->backend.get(), 99);
     ASSERT_TRUE(m.ok()) << m.status();
     s->model = std::move(*m);
-    KvCacheSpec spec;
-    spec.num_layers = shape.num_layers;
-    spec.num_kv_heads = shape.num_kv_heads;
-    spec.head_dim = shape.head_dim;
-    spec.block_size = 16;
+    KvCacheSpec spec = KvCacheSpecFor(shape, DType::kF32, 16);
     spec.num_blocks = 40;
-    spec.dtype = DType::kF32;
     ASSERT_TRUE(s->model->AllocateKvCache(spec).ok());
   }
   std::printf("[ %s: GPU kernel %s, CPU kernel %s ]\n", format.c_str(),
