@@ -164,6 +164,17 @@ __device__ __forceinline__ void Dequant4(uint32_t word, int jj, uint2 sz, uint32
   b1 = out[1];
 }
 
+// Factored-scale 4-bit (IntWeightGemm's small-M path when every zero point is an integer):
+// the B fragments are the exact small integers t = code - z_int (one LOP3 and one bf16x2
+// subtraction per two codes, half the work of Dequant4); the group's fp32 scale multiplies
+// the fp32 group sum afterwards (FlushGroup). zz = bf16x2 {128 + z_int, 128 + z_int}.
+__device__ __forceinline__ void CodesMinusZero4(uint32_t word, int jj, uint32_t zz, uint32_t& b0,
+                                                uint32_t& b1) {
+  const __nv_bfloat162 z2 = AsBf162(zz);
+  b0 = AsU32(__hsub2(AsBf162(Lop3AndOr(word >> (8 * jj), 0x000F000Fu, 0x43004300u)), z2));
+  b1 = AsU32(__hsub2(AsBf162(Lop3AndOr(word >> (8 * jj + 4), 0x000F000Fu, 0x43004300u)), z2));
+}
+
 // 8-bit: the word holds elements e = 0..3 (b0.lo, b0.hi, b1.lo, b1.hi) in bytes 0..3. PRMT
 // moves byte e under the exponent of 2^23 (0x4B000000): 2^23 + code exactly; then
 // fp32 w = code * scale + (-scale * zero), rounded once to bf16. sz = {scale, -scale*zero}.
@@ -185,7 +196,11 @@ __device__ __forceinline__ void Dequant8(uint32_t word, uint2 sz, uint32_t& b0, 
 // With more than one split (gridDim.z > 1), `workspace` holds fp32 partials
 // [splits, m, n] (any contents on entry) and `tile_counters` ([M tiles, N tiles]) must be
 // zero on entry; the kernel leaves the counters zero again.
-template <int kBits, int kWarpsM, int kWarpsN, int kMT, int kNT, int kStages, int kMinBlocks>
+// kFactored (4-bit, every zero point an integer: PackedIntWeights::integer_zero_points):
+// the MMAs multiply x by the exact t = code - zero and accumulate one group at a time in
+// fp32; each group's sum is scaled by its fp32 scale (s_hi + s_lo) when the group ends.
+template <int kBits, int kWarpsM, int kWarpsN, int kMT, int kNT, int kStages, int kMinBlocks,
+          bool kFactored>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     IntWeightGemmKernel(const bf16* __restrict__ x, const uint4* __restrict__ codes,
                         const uint32_t* __restrict__ scale_zero, const int32_t* __restrict__ kinfo,
@@ -197,6 +212,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   static_assert(kWarpsN * kNT * 8 == kTileN, "warps must cover the N tile");
   static_assert(kNT % 2 == 0, "a warp owns whole 16-column slabs");
   static_assert(4 * (kTileN * 8 / 16) == kThreads, "one scale chunk per thread");
+  static_assert(!kFactored || kBits == 4, "the factored-scale path is 4-bit only");
   constexpr int kBM = Cfg::kBM;
   constexpr int kBVec = Cfg::kBBytes / 16;  // uint4 per code tile
   constexpr int kLaneVec = kBits / 4;       // uint4 per lane per slab
@@ -261,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
   // Loads the next K tile (the pointers' current one) into `stage`. `info` is
   // kinfo[kt * 4 + s_row], fetched by the caller one iteration ahead so its latency never
-  // stalls the copy issue.
+  // stalls the copy issue; it goes to the stage's slot words whole ((group << 2) | slot).
   auto load_stage = [&](int stage, int info) {
     const uint32_t base = smem_base + static_cast<uint32_t>(stage * Cfg::kStageBytes);
     // x tile: kBM rows x 8 chunks of 8 bf16; rows past m are zero-filled (src-size 0).
@@ -280,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     // in this tile (slot == r); later steps of the same group read that row. The slots go
     // to shared memory with the stage (plain stores; the consumer reads them after at least
     // one __syncthreads, like the cp.async data).
-    if (s_ch == 0) slot_dst[stage * (Cfg::kStageBytes / 4)] = info & 3;
+    if (s_ch == 0) slot_dst[stage * (Cfg::kStageBytes / 4)] = info;
     if ((info & 3) == s_row) {
       CpAsync16(base + s_dst, s_src_base + static_cast<size_t>(info >> 2) * n_padded * 2, true);
     }
@@ -293,6 +309,36 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     for (int j = 0; j < kNT; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+    }
+  }
+  // kFactored only (dead otherwise): the current group's fp32 sums, its id, the scales of
+  // this lane's C columns (2 tig, 2 tig + 1 of each n8 tile) and the zero pair of its B
+  // column (gid of each n8 tile).
+  float gacc[kMT][kNT][4];
+  float gscale[kNT][2];
+  uint32_t gzero[kNT];
+  int cur_group = -1;
+  auto flush_group = [&]() {
+#pragma unroll
+    for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          acc[i][j][e] = fmaf(gacc[i][j][e], gscale[j][e & 1], acc[i][j][e]);
+          gacc[i][j][e] = 0.0f;
+        }
+      }
+    }
+  };
+  if constexpr (kFactored) {
+#pragma unroll
+    for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) gacc[i][j][e] = 0.0f;
+      }
     }
   }
 
@@ -323,9 +369,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     const unsigned char* a_s = smem + stage * Cfg::kStageBytes;
     const uint4* b_s = reinterpret_cast<const uint4*>(a_s + Cfg::kABytes);
     const uint2* s_s = reinterpret_cast<const uint2*>(a_s + Cfg::kABytes + Cfg::kBBytes);
-    const int4 slot4 =
+    const int4 info4 =
         *reinterpret_cast<const int4*>(a_s + Cfg::kABytes + Cfg::kBBytes + Cfg::kSBytes);
-    const int slots[4] = {slot4.x, slot4.y, slot4.z, slot4.w};
+    const int infos[4] = {info4.x, info4.y, info4.z, info4.w};
 
     // This warp's codes for the whole K tile: kNT/2 slabs x kBits words.
     uint32_t bw[kNT / 2][kBits];
@@ -345,7 +391,25 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
-      const int slot = slots[s];
+      const int slot = infos[s] & 3;
+      if constexpr (kFactored) {
+        const int group = infos[s] >> 2;  // the same for the whole block
+        if (group != cur_group) {
+          if (cur_group >= 0) flush_group();
+          cur_group = group;
+#pragma unroll
+          for (int j = 0; j < kNT; ++j) {
+            const int col = warp_n * kNT * 8 + j * 8;
+            // word 1 = {c = 0, 128 + z_int}: both halves of the pair become 128 + z_int.
+            gzero[j] = __byte_perm(s_s[slot * kTileN + col + (lane >> 2)].y, 0u, 0x3232);
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const __nv_bfloat162 sc = AsBf162(s_s[slot * kTileN + col + (lane & 3) * 2 + e].x);
+              gscale[j][e] = __low2float(sc) + __high2float(sc);  // s_hi + s_lo, exact
+            }
+          }
+        }
+      }
       uint32_t a[kMT][4];
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
@@ -355,9 +419,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       }
 #pragma unroll
       for (int j = 0; j < kNT; ++j) {
+        uint32_t b0, b1;
+        if constexpr (kFactored) {
+          CodesMinusZero4(bw[j / 2][s], j % 2, gzero[j], b0, b1);
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) MmaBf16(gacc[mt][j], a[mt], b0, b1);
+          continue;
+        }
         const int col = warp_n * kNT * 8 + j * 8 + (lane >> 2);
         const uint2 sz = s_s[slot * kTileN + col];
-        uint32_t b0, b1;
         if constexpr (kBits == 4) {
           Dequant4(bw[j / 2][s], j % 2, sz, b0, b1);
         } else {
@@ -370,6 +440,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     stage = stage == kStages - 1 ? 0 : stage + 1;
   }
   CpAsyncWait<0>();
+  if constexpr (kFactored) {
+    if (cur_group >= 0) flush_group();
+  }
 
   // Epilogue: C fragment rows gid / gid + 8, columns 2*tig, 2*tig + 1.
   if (gridDim.z == 1) {
@@ -470,23 +543,30 @@ __global__ void GatherColumnsKernel(const bf16* __restrict__ x, const int32_t* _
   }
 }
 
-// The two tile shapes. Small M (decode): 16 x 128 blocks, 8 warps side by side in N, each
-// one slab; 5 stages; <= 80 registers so three blocks (24 warps, 150-210 KiB of stages)
-// share an SM and keep ~12 code tiles in flight per SM. Large M: 128 x 128 blocks, 2 x 4
+// The tile shapes. Small M (decode, M <= 16): 16 x 128 blocks, 8 warps side by side in N,
+// each one slab; 5 stages; <= 80 registers so three blocks (24 warps, 150-210 KiB of
+// stages) share an SM and keep ~12 code tiles in flight per SM. Medium M (batched decode,
+// 17..64): 64 x 128 blocks, the same 8 warps each computing 64 x 16, so every code tile
+// is read from memory and dequantized once for all 64 rows (16-row tiles would stream the
+// weights once per 16 rows); 4 stages, two blocks per SM. Large M: 128 x 128 blocks, 2 x 4
 // warps of 64 x 32; 3 stages.
 struct SmallShape {
   static constexpr int kWarpsM = 1, kWarpsN = 8, kMT = 1, kNT = 2, kStages = 5, kMinBlocks = 3;
 };
+struct MediumShape {
+  static constexpr int kWarpsM = 1, kWarpsN = 8, kMT = 4, kNT = 2, kStages = 4, kMinBlocks = 2;
+};
 struct LargeShape {
   static constexpr int kWarpsM = 2, kWarpsN = 4, kMT = 4, kNT = 4, kStages = 3, kMinBlocks = 1;
 };
-// M above this uses LargeShape.
-constexpr int64_t kSmallMaxM = 64;
+// M up to kSmallMaxM uses SmallShape, up to kMediumMaxM MediumShape, above LargeShape.
+constexpr int64_t kSmallMaxM = 16;
+constexpr int64_t kMediumMaxM = 64;
 
-template <int kBits, typename Shape>
+template <int kBits, typename Shape, bool kFactored = false>
 constexpr auto KernelFor() {
   return &IntWeightGemmKernel<kBits, Shape::kWarpsM, Shape::kWarpsN, Shape::kMT, Shape::kNT,
-                              Shape::kStages, Shape::kMinBlocks>;
+                              Shape::kStages, Shape::kMinBlocks, kFactored>;
 }
 template <int kBits, typename Shape>
 constexpr int SmemFor() {
@@ -497,9 +577,9 @@ constexpr int BlockM() {
   return Shape::kWarpsM * Shape::kMT * 16;
 }
 
-template <int kBits, typename Shape>
+template <int kBits, typename Shape, bool kFactored = false>
 absl::Status AllowSmem() {
-  QSHARD_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(KernelFor<kBits, Shape>(),
+  QSHARD_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(KernelFor<kBits, Shape, kFactored>(),
                                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                    SmemFor<kBits, Shape>()));
   return absl::OkStatus();
@@ -517,9 +597,9 @@ struct LaunchArgs {
   int* tile_counters;
 };
 
-template <int kBits, typename Shape>
+template <int kBits, typename Shape, bool kFactored = false>
 absl::Status LaunchGemm(const LaunchArgs& a, dim3 grid, cudaStream_t stream) {
-  QSHARD_CUDA_RETURN_IF_ERROR(LaunchPdl(KernelFor<kBits, Shape>(), grid, dim3(kThreads),
+  QSHARD_CUDA_RETURN_IF_ERROR(LaunchPdl(KernelFor<kBits, Shape, kFactored>(), grid, dim3(kThreads),
                                         SmemFor<kBits, Shape>(), stream, a.x, a.codes, a.scale_zero,
                                         a.kinfo, a.m, a.k, a.n, a.n_padded, a.ktiles_per_split, a.y,
                                         a.y_is_bf16, a.vec_store, a.workspace, a.tile_counters));
@@ -537,7 +617,17 @@ namespace {
 // all linears at M = 1 took 3.39 ms at 3, 3.11 at 4, 3.07 at 6, 3.02 at 8, 3.01 at 12; at
 // M = 16 4.27 / 3.93 / 4.00 / 4.02 / 4.23 ms.
 std::atomic<int> g_int_gemm_blocks_per_sm{8};
+
+std::atomic<bool>& FactoredScalesFlag() {
+  static std::atomic<bool> flag(EnvSwitch("QSHARD_CUDA_INT_FACTORED", /*default_on=*/false));
+  return flag;
+}
 }  // namespace
+
+void SetIntGemmFactoredScales(bool on) {
+  FactoredScalesFlag().store(on, std::memory_order_relaxed);
+}
+bool IntGemmFactoredScalesEnabled() { return FactoredScalesFlag().load(std::memory_order_relaxed); }
 
 void SetIntGemmBlocksPerSm(int blocks) {
   g_int_gemm_blocks_per_sm.store(std::clamp(blocks, 1, 64), std::memory_order_relaxed);
@@ -558,6 +648,7 @@ absl::StatusOr<std::unique_ptr<IntWeightGemm>> IntWeightGemm::Create(const IntQu
   g->n_padded_ = packed.n_padded;
   g->group_size_ = packed.group_size;
   g->act_order_ = packed.act_order;
+  g->integer_zero_points_ = packed.integer_zero_points;
 
   int device = 0;
   QSHARD_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
@@ -581,9 +672,13 @@ absl::StatusOr<std::unique_ptr<IntWeightGemm>> IntWeightGemm::Create(const IntQu
   // Dynamic shared memory above 48 KiB needs an opt-in per kernel (idempotent).
   if (g->bits_ == 4) {
     QSHARD_RETURN_IF_ERROR((AllowSmem<4, SmallShape>()));
+    QSHARD_RETURN_IF_ERROR((AllowSmem<4, SmallShape, true>()));
+    QSHARD_RETURN_IF_ERROR((AllowSmem<4, MediumShape>()));
+    QSHARD_RETURN_IF_ERROR((AllowSmem<4, MediumShape, true>()));
     QSHARD_RETURN_IF_ERROR((AllowSmem<4, LargeShape>()));
   } else {
     QSHARD_RETURN_IF_ERROR((AllowSmem<8, SmallShape>()));
+    QSHARD_RETURN_IF_ERROR((AllowSmem<8, MediumShape>()));
     QSHARD_RETURN_IF_ERROR((AllowSmem<8, LargeShape>()));
   }
   return g;
@@ -623,7 +718,10 @@ absl::Status IntWeightGemm::Run(const void* x, int64_t m, void* y, DType y_dtype
   }
 
   const bool small = m <= kSmallMaxM;
-  const int64_t bm = small ? BlockM<SmallShape>() : BlockM<LargeShape>();
+  const bool medium = !small && m <= kMediumMaxM;
+  const int64_t bm = small    ? BlockM<SmallShape>()
+                     : medium ? BlockM<MediumShape>()
+                              : BlockM<LargeShape>();
   const int64_t m_tiles = (m + bm - 1) / bm;
   const int64_t n_tiles = n_padded_ / kTileN;
   const int64_t k_tiles = k_ / kTileK;
@@ -671,13 +769,24 @@ absl::Status IntWeightGemm::Run(const void* x, int64_t m, void* y, DType y_dtype
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(m_tiles),
                   static_cast<unsigned>(splits));
   auto launch = [&]() -> absl::Status {
+    const bool factored = UsesFactoredScales(m);
+    if (bits_ == 4 && small && factored) return LaunchGemm<4, SmallShape, true>(a, grid, stream);
     if (bits_ == 4 && small) return LaunchGemm<4, SmallShape>(a, grid, stream);
+    if (bits_ == 4 && medium && factored) {
+      return LaunchGemm<4, MediumShape, true>(a, grid, stream);
+    }
+    if (bits_ == 4 && medium) return LaunchGemm<4, MediumShape>(a, grid, stream);
     if (bits_ == 4) return LaunchGemm<4, LargeShape>(a, grid, stream);
     if (small) return LaunchGemm<8, SmallShape>(a, grid, stream);
+    if (medium) return LaunchGemm<8, MediumShape>(a, grid, stream);
     return LaunchGemm<8, LargeShape>(a, grid, stream);
   };
   QSHARD_RETURN_IF_ERROR(launch());
   return absl::OkStatus();
+}
+
+bool IntWeightGemm::UsesFactoredScales(int64_t m) const {
+  return bits_ == 4 && integer_zero_points_ && m <= kMediumMaxM && IntGemmFactoredScalesEnabled();
 }
 
 int64_t IntWeightGemm::weight_bytes() const {

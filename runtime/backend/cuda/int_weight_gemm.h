@@ -21,8 +21,9 @@
 //     tile, scale rows); dequantization in registers right before the MMAs (4-bit: one LOP3
 //     turns two codes into bf16x2 128 + q, then bf16x2 sub / fma with the scale; 8-bit: PRMT
 //     into the fp32 2^23 + q trick, fp32 fma, cvt to bf16x2); mma.sync.m16n8k16 bf16 with
-//     fp32 accumulators. M <= 64 uses 16 x 128 block tiles (5 stages, 3-4 blocks per SM);
-//     larger M uses 128 x 128 block tiles (3 stages). When the output tiles alone give fewer
+//     fp32 accumulators. M <= 16 uses 16 x 128 block tiles (5 stages, 3-4 blocks per SM),
+//     M 17..64 64 x 128 (4 stages: the codes are streamed and dequantized once for all
+//     rows), larger M 128 x 128 block tiles (3 stages). When the output tiles alone give fewer
 //     than ~8 blocks per SM, K is split over blocks: each split stores its fp32 partial
 //     tile into its own slice of a shared workspace, and the last block of each output
 //     tile (a per-tile arrival counter) sums the slices in split order (deterministic)
@@ -98,6 +99,9 @@ struct PackedIntWeights {
   //   (exact), each step one bf16 fma, so w is the fp32-accurate dequantized weight
   //   rounded once to bf16 (plus a ~2^-9 |c| term, 0 for integer zero points).
   std::vector<uint32_t> scale_zero;
+  // 4-bit and every zero point an integer in 0..15 (c = 0 above: GPTQ, AWQ and symmetric
+  // checkpoints), which the factored-scale decode path needs (SetIntGemmFactoredScales).
+  bool integer_zero_points = false;
   // [k / 16]: for each run of 16 sorted inputs, (group << 2) | slot, where slot (0..3) is
   // the first k16 step of the same K tile that has the same group (the kernel loads that
   // group's scale row once per tile and lets the later steps share it).
@@ -124,6 +128,17 @@ uint32_t PackedCodeAt(const PackedIntWeights& packed, int64_t n, int64_t p);
 void SetIntGemmBlocksPerSm(int blocks);
 int IntGemmBlocksPerSm();
 
+// Factored-scale decode path (process-wide; QSHARD_CUDA_INT_FACTORED=1 turns it on at start,
+// off by default until a GPU run has measured it): for 4-bit weights with integer zero
+// points and M <= 64, the MMAs take the exact integers t = code - zero as their B operand
+// and each group's fp32 sum is multiplied by the group's scale once per output, instead of
+// every weight being dequantized to bf16 (scale * t) in the loop. Half the dequantization
+// instructions of the default path (LOP3 + one bf16x2 subtraction per two codes instead of
+// LOP3 + subtraction + two bf16x2 FMAs), and more accurate: no per-weight bf16 rounding,
+// so the result is the fp32-accumulated exact product of x and the fp32 dequantized W.
+void SetIntGemmFactoredScales(bool on);
+bool IntGemmFactoredScalesEnabled();
+
 class IntWeightGemm {
  public:
   // Validates and repacks `m` on the host, uploads it synchronously on `stream`.
@@ -141,6 +156,9 @@ class IntWeightGemm {
   // different streams.
   absl::Status Run(const void* x, int64_t m, void* y, DType y_dtype, cudaStream_t stream);
 
+  // Whether Run(x, m, ...) takes the factored-scale path (see SetIntGemmFactoredScales).
+  bool UsesFactoredScales(int64_t m) const;
+
   int64_t weight_bytes() const;     // device bytes of codes + scales/zeros + tables + perm
   std::string kernel_name() const;  // e.g. "cuda-marlin-w4-g128", "cuda-marlin-w4-g128-actorder"
   int64_t in_features() const { return k_; }
@@ -156,6 +174,7 @@ class IntWeightGemm {
   int64_t n_padded_ = 0;
   int64_t group_size_ = 0;
   bool act_order_ = false;
+  bool integer_zero_points_ = false;
   int multiprocessors_ = 0;
   DeviceBuffer codes_;
   DeviceBuffer scale_zero_;

@@ -176,6 +176,7 @@ absl::StatusOr<PackedIntWeights> PackIntWeights(const IntQuantMatrix& m) {
   // is a zero weight in both encodings (for 4-bit: scale 0, zero term 0).
   out.scale_zero.assign(static_cast<size_t>(g * out.n_padded * 2), 0u);
   const float zmax = static_cast<float>((1 << m.bits) - 1);
+  out.integer_zero_points = m.bits == 4;
   for (int64_t grp = 0; grp < g; ++grp) {
     for (int64_t col = 0; col < n; ++col) {
       const float s = m.scales[grp * n + col];
@@ -189,6 +190,8 @@ absl::StatusOr<PackedIntWeights> PackIntWeights(const IntQuantMatrix& m) {
         const uint16_t zmagic = F32ToBf16(128.0f + z_int);  // exact: 128..143
         w[0] = static_cast<uint32_t>(s_hi) | (static_cast<uint32_t>(s_lo) << 16);
         w[1] = static_cast<uint32_t>(cf) | (static_cast<uint32_t>(zmagic) << 16);
+        // +0 and -0 both mean "no fractional zero term".
+        if ((cf & 0x7FFFu) != 0) out.integer_zero_points = false;
       } else {
         const float sz = -s * z;
         std::memcpy(&w[0], &s, sizeof(float));
