@@ -707,8 +707,19 @@ std::atomic<bool>& FusedActQuantFlag() {
 void SetFusedActQuant(bool on) { FusedActQuantFlag().store(on, std::memory_order_relaxed); }
 bool FusedActQuantEnabled() { return FusedActQuantFlag().load(std::memory_order_relaxed); }
 
+namespace {
+std::atomic<bool>& Fp8BlasScaledFlag() {
+  static std::atomic<bool> flag(EnvSwitch("QSHARD_CUDA_FP8_BLAS_SCALED", /*default_on=*/false));
+  return flag;
+}
+}  // namespace
+
+void SetFp8BlasScaled(bool on) { Fp8BlasScaledFlag().store(on, std::memory_order_relaxed); }
+bool Fp8BlasScaledEnabled() { return Fp8BlasScaledFlag().load(std::memory_order_relaxed); }
+
 std::string QuantLinear8::kernel_name() const {
-  return absl::StrCat("cuda-", ModeLabel(mode_), last_blas_ ? "-cublaslt" : "-gemv");
+  return absl::StrCat("cuda-", ModeLabel(mode_),
+                      last_blas_ ? (last_scaled_ ? "-cublaslt-scaled" : "-cublaslt") : "-gemv");
 }
 
 absl::Status QuantLinear8::RunGemv(const void* x_or_codes, const float* x_scale, int64_t m, void* y,
@@ -789,10 +800,21 @@ absl::Status QuantLinear8::RunQuantized(const uint8_t* codes, const float* scale
 
 absl::Status QuantLinear8::RunCodes(const uint8_t* codes, const float* x_scale, int64_t m, void* y,
                                     DType y_dtype, cudaStream_t stream) {
+  last_scaled_ = false;
   if (m > kMaxRows && blas_capable_) {
+    const bool fp8 = mode_ == Quant8Mode::kFp8W8A8;
+    if (fp8 && bias_.get() == nullptr && Fp8BlasScaledEnabled()) {
+      const absl::Status st = Quant8BlasScaledGemm(weight_.get(), w_scale_.as<float>(), codes,
+                                                   x_scale, y, y_dtype, m, n_, k_, stream);
+      if (st.ok()) {
+        last_blas_ = last_scaled_ = true;
+        return absl::OkStatus();
+      }
+      if (!absl::IsUnimplemented(st)) return st;
+      // No outer-vector-scaled algorithm: the accumulator + epilogue path below.
+    }
     // Only the accumulator: growing it leaves the codes and scales buffers where they are.
     QSHARD_ASSIGN_OR_RETURN(Quant8Scratch s, GetQuant8Scratch(0, 0, m * n_, 0, 0, stream));
-    const bool fp8 = mode_ == Quant8Mode::kFp8W8A8;
     const absl::Status st = Quant8BlasGemm(fp8, weight_.get(), codes, s.acc, m, n_, k_, stream);
     if (st.ok()) {
       last_blas_ = true;

@@ -126,6 +126,19 @@ absl::StatusOr<Quant8Scratch> GetQuant8Scratch(int64_t code_bytes, int64_t scale
 // (callers then use the GEMV kernel). The algorithm is chosen once per shape and cached.
 absl::Status Quant8BlasGemm(bool fp8, const void* w, const void* codes, void* acc, int64_t m,
                             int64_t n, int64_t k, cudaStream_t stream);
+// y[m, n] = x_scale[m] * w_scale[n] * (codes[m, k] . w[n, k]^T) for e4m3 codes and weights,
+// in one cuBLASLt call with outer-vector scales (y bf16 or fp32, row-major; no bias): no
+// fp32 accumulator buffer and no epilogue kernel. UnimplementedError when this cuBLASLt or
+// GPU has no such algorithm (callers then take Quant8BlasGemm + LaunchScaleEpilogue).
+absl::Status Quant8BlasScaledGemm(const void* w, const float* w_scale, const void* codes,
+                                  const float* x_scale, void* y, DType y_dtype, int64_t m,
+                                  int64_t n, int64_t k, cudaStream_t stream);
+
+// Process-wide switch for Quant8BlasScaledGemm in fp8 W8A8 linears with m > 16 (batched
+// decode, prefill) and no bias. Off by default until a GPU run has verified and measured it;
+// QSHARD_CUDA_FP8_BLAS_SCALED=1 in the environment at first use turns it on. Thread-safe.
+void SetFp8BlasScaled(bool on);
+bool Fp8BlasScaledEnabled();
 
 // Process-wide switch: the CUDA backend lets the kernels that produce an fp8 per-token
 // linear's input (RMSNorm, residual add + RMSNorm, packed SiLU-and-mul) quantize it on the
@@ -186,6 +199,7 @@ class QuantLinear8 {
   int sms_ = 132;
   bool blas_capable_ = false;  // cuBLASLt may serve this mode on this GPU (m > 16)
   bool last_blas_ = false;     // the last Run went through cuBLASLt
+  bool last_scaled_ = false;   // ... with outer-vector scales (Quant8BlasScaledGemm)
 
   DeviceBuffer weight_;   // [N, K] codes, the checkpoint layout
   DeviceBuffer w_scale_;  // [N] f32 (per-tensor scales broadcast)

@@ -11,7 +11,12 @@
 //         pointers of cuBLASLt cannot express them on Hopper), fast accumulation left off.
 //   int8: A, B CUDA_R_8I, C = D CUDA_R_32I, CUBLAS_COMPUTE_32I, int32 alpha = 1, beta = 0
 //         (exact integer sums, like the GEMV kernel).
-// The algorithm is chosen by cublasLtMatmulAlgoGetHeuristic once per (type, m, n, k,
+//   fp8 scaled (Quant8BlasScaledGemm): as fp8, but the per-channel (A = w, one fp32 per
+//         output feature) and per-token (B = codes, one fp32 per row of x) scales are given
+//         to cuBLASLt as "outer vector" scales (CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F,
+//         cuBLAS 12.9+ on Hopper: D[i, j] = scaleA[i] * scaleB[j] * (A . B)[i, j]) and D
+//         is y itself (bf16 or fp32): no fp32 accumulator round trip, no epilogue kernel.
+// The algorithm is chosen by cublasLtMatmulAlgoGetHeuristic once per (kind, m, n, k,
 // alignments) and cached with its descriptors; a shape with no algorithm is cached as such
 // and reported as UnimplementedError, so the caller falls back to the GEMV kernel at once.
 //
@@ -65,8 +70,10 @@ struct Plan {
   }
 };
 
-// (fp8, m, n, k, alignment of w, codes, acc)
-using PlanKey = std::tuple<bool, int64_t, int64_t, int64_t, uint32_t, uint32_t, uint32_t>;
+enum class GemmKind : int { kInt8 = 0, kFp8 = 1, kFp8ScaledBf16 = 2, kFp8ScaledF32 = 3 };
+
+// (kind, m, n, k, alignment of w, codes, acc or y)
+using PlanKey = std::tuple<GemmKind, int64_t, int64_t, int64_t, uint32_t, uint32_t, uint32_t>;
 
 struct Pool {
   std::mutex mu;
@@ -93,12 +100,19 @@ absl::Status Grow(DeviceBuffer& buf, size_t bytes, bool zero, cudaStream_t strea
   return absl::OkStatus();
 }
 
-absl::StatusOr<const Plan*> GetPlan(Pool& pool, const PlanKey& key) {
+// Scaled kinds: the scale pointers are per call (set on plan->op before each matmul); the
+// heuristic is asked with the first call's.
+absl::StatusOr<Plan*> GetPlan(Pool& pool, const PlanKey& key, const float* w_scale = nullptr,
+                              const float* x_scale = nullptr) {
   if (auto it = pool.plans.find(key); it != pool.plans.end()) return it->second.get();
-  const auto [fp8, m, n, k, align_w, align_x, align_acc] = key;
+  const auto [kind, m, n, k, align_w, align_x, align_acc] = key;
+  const bool fp8 = kind != GemmKind::kInt8;
+  const bool scaled = kind == GemmKind::kFp8ScaledBf16 || kind == GemmKind::kFp8ScaledF32;
   auto plan = std::make_unique<Plan>();
   const cudaDataType_t in_type = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_8I;
-  const cudaDataType_t acc_type = fp8 ? CUDA_R_32F : CUDA_R_32I;
+  const cudaDataType_t acc_type = kind == GemmKind::kFp8ScaledBf16 ? CUDA_R_16BF
+                                  : fp8                            ? CUDA_R_32F
+                                                                   : CUDA_R_32I;
   QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(
       &plan->op, fp8 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32I, fp8 ? CUDA_R_32F : CUDA_R_32I));
   const cublasOperation_t trans_w = CUBLAS_OP_T;
@@ -107,6 +121,22 @@ absl::StatusOr<const Plan*> GetPlan(Pool& pool, const PlanKey& key) {
       plan->op, CUBLASLT_MATMUL_DESC_TRANSA, &trans_w, sizeof(trans_w)));
   QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
       plan->op, CUBLASLT_MATMUL_DESC_TRANSB, &trans_x, sizeof(trans_x)));
+  if (scaled) {
+    const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+    for (const auto attr : {CUBLASLT_MATMUL_DESC_A_SCALE_MODE, CUBLASLT_MATMUL_DESC_B_SCALE_MODE}) {
+      // INVALID_VALUE / NOT_SUPPORTED here: a cuBLASLt without outer-vector scales.
+      const cublasStatus_t st = cublasLtMatmulDescSetAttribute(plan->op, attr, &mode, sizeof(mode));
+      if (st != CUBLAS_STATUS_SUCCESS) {
+        Plan* raw = plan.get();  // ok stays false: cached as "no algorithm"
+        pool.plans.emplace(key, std::move(plan));
+        return raw;
+      }
+    }
+    QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+        plan->op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof(w_scale)));
+    QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+        plan->op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scale, sizeof(x_scale)));
+  }
   QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->w_layout, in_type, k, n, k));
   QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->x_layout, in_type, k, m, k));
   QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&plan->acc_layout, acc_type, n, m, n));
@@ -138,9 +168,17 @@ absl::StatusOr<const Plan*> GetPlan(Pool& pool, const PlanKey& key) {
     QSHARD_CUBLAS_RETURN_IF_ERROR(st);
   }
   if (plan->ok) plan->algo = result.algo;
-  const Plan* raw = plan.get();
+  Plan* raw = plan.get();
   pool.plans.emplace(key, std::move(plan));
   return raw;
+}
+
+// The handle and workspace, created on first use. pool.mu held.
+absl::Status EnsureHandle(Pool& pool) {
+  if (pool.handle != nullptr) return absl::OkStatus();
+  QSHARD_ASSIGN_OR_RETURN(pool.workspace, DeviceBuffer::Allocate(kWorkspaceBytes));
+  QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&pool.handle));
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -176,13 +214,11 @@ absl::Status Quant8BlasGemm(bool fp8, const void* w, const void* codes, void* ac
   }
   Pool& pool = GetPool();
   std::lock_guard<std::mutex> lock(pool.mu);
-  if (pool.handle == nullptr) {
-    QSHARD_ASSIGN_OR_RETURN(pool.workspace, DeviceBuffer::Allocate(kWorkspaceBytes));
-    QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&pool.handle));
-  }
+  QSHARD_RETURN_IF_ERROR(EnsureHandle(pool));
   QSHARD_ASSIGN_OR_RETURN(
       const Plan* plan,
-      GetPlan(pool, PlanKey{fp8, m, n, k, AlignmentOf(w), AlignmentOf(codes), AlignmentOf(acc)}));
+      GetPlan(pool, PlanKey{fp8 ? GemmKind::kFp8 : GemmKind::kInt8, m, n, k, AlignmentOf(w),
+                            AlignmentOf(codes), AlignmentOf(acc)}));
   if (!plan->ok) {
     return absl::UnimplementedError(absl::StrCat("cuBLASLt has no ", fp8 ? "fp8" : "int8",
                                                  " algorithm for [", m, ", ", k, "] x [", n, ", ",
@@ -196,6 +232,48 @@ absl::Status Quant8BlasGemm(bool fp8, const void* w, const void* codes, void* ac
       cublasLtMatmul(pool.handle, plan->op, alpha, w, plan->w_layout, codes, plan->x_layout, beta,
                      acc, plan->acc_layout, acc, plan->acc_layout, &plan->algo,
                      pool.workspace.get(), pool.workspace.size(), stream));
+  return absl::OkStatus();
+}
+
+absl::Status Quant8BlasScaledGemm(const void* w, const float* w_scale, const void* codes,
+                                  const float* x_scale, void* y, DType y_dtype, int64_t m,
+                                  int64_t n, int64_t k, cudaStream_t stream) {
+  if (m <= 0 || n <= 0 || k <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Quant8BlasScaledGemm: bad shape m=", m, " n=", n, " k=", k));
+  }
+  if (y_dtype != DType::kBF16 && y_dtype != DType::kF32) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Quant8BlasScaledGemm: output must be bfloat16 or float32, got ",
+                     std::string(DTypeName(y_dtype))));
+  }
+  if (w_scale == nullptr || x_scale == nullptr) {
+    return absl::InvalidArgumentError("Quant8BlasScaledGemm: both scale vectors are needed");
+  }
+  Pool& pool = GetPool();
+  std::lock_guard<std::mutex> lock(pool.mu);
+  QSHARD_RETURN_IF_ERROR(EnsureHandle(pool));
+  const GemmKind kind =
+      y_dtype == DType::kBF16 ? GemmKind::kFp8ScaledBf16 : GemmKind::kFp8ScaledF32;
+  QSHARD_ASSIGN_OR_RETURN(
+      Plan * plan,
+      GetPlan(pool, PlanKey{kind, m, n, k, AlignmentOf(w), AlignmentOf(codes), AlignmentOf(y)},
+              w_scale, x_scale));
+  if (!plan->ok) {
+    return absl::UnimplementedError(
+        absl::StrCat("cuBLASLt has no fp8 algorithm with outer-vector scales for [", m, ", ", k,
+                     "] x [", n, ", ", k, "]^T"));
+  }
+  // This call's scale vectors (the plan is shared by every linear of this shape).
+  QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+      plan->op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &w_scale, sizeof(w_scale)));
+  QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+      plan->op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &x_scale, sizeof(x_scale)));
+  const float alpha = 1.0f, beta = 0.0f;
+  QSHARD_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(pool.handle, plan->op, &alpha, w, plan->w_layout,
+                                               codes, plan->x_layout, &beta, y, plan->acc_layout, y,
+                                               plan->acc_layout, &plan->algo, pool.workspace.get(),
+                                               pool.workspace.size(), stream));
   return absl::OkStatus();
 }
 

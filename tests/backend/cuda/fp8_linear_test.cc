@@ -486,6 +486,62 @@ TEST(Fp8LinearTest, Int8WeightOnly) {
   RunLayerCases({WeightFormat::kInt8, ActQuant::kNone, false, false}, 7000);
 }
 
+// The outer-vector-scaled cuBLASLt path (SetFp8BlasScaled) for m > 16: every fp8 W8A8 case
+// against the float64 reference again (per-channel and per-tensor weights, per-token and
+// static activations; with a bias the linear keeps the accumulator + epilogue path). On
+// Hopper (cuBLAS 12.9+ has outer-vector fp8 scales there) the path must actually run.
+TEST(Fp8LinearTest, Fp8BlasScaledMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  struct Restore {
+    bool saved = Fp8BlasScaledEnabled();
+    ~Restore() { SetFp8BlasScaled(saved); }
+  } restore;
+  SetFp8BlasScaled(true);
+  RunLayerCases({WeightFormat::kFp8, ActQuant::kFp8PerToken, true, false}, 8000);
+  if (HasFatalFailure()) return;
+  RunLayerCases({WeightFormat::kFp8, ActQuant::kFp8PerToken, false, true}, 8100);
+  if (HasFatalFailure()) return;
+  RunLayerCases({WeightFormat::kFp8, ActQuant::kFp8Static, true, false}, 8200);
+  if (HasFatalFailure()) return;
+
+  auto dev = OpenDevice();
+  ASSERT_NE(dev, nullptr);
+  if (!HasFp8TensorCores(dev->info)) GTEST_SKIP() << "no fp8 tensor cores";
+  for (const bool with_bias : {false, true}) {
+    LinearWeights w;
+    w.name = "scaled";
+    w.in_features = 512;
+    w.out_features = 256;
+    w.format = WeightFormat::kFp8;
+    w.act_quant = ActQuant::kFp8PerToken;
+    w.weight = Tensor::Empty(DType::kF8E4M3, {256, 512});
+    const std::vector<uint8_t> codes = RandomE4M3Codes(256 * 512, 3);
+    std::memcpy(w.weight.raw(), codes.data(), codes.size());
+    w.weight_scale = Tensor::Empty(DType::kF32, {256, 1});
+    for (int i = 0; i < 256; ++i) w.weight_scale.data<float>()[i] = 1e-3f;
+    if (with_bias) {
+      w.bias = Tensor::Empty(DType::kF32, {256});
+      for (int i = 0; i < 256; ++i) w.bias.data<float>()[i] = 0.5f;
+    }
+    auto op = QuantLinear8::Create(w, dev->info.cc_major, dev->info.cc_minor, dev->stream.get());
+    ASSERT_TRUE(op.ok()) << op.status();
+    auto x = DeviceBuffer::Allocate(64 * 512 * 2);
+    auto y = DeviceBuffer::Allocate(64 * 256 * 2);
+    ASSERT_TRUE(x.ok() && y.ok());
+    Q8_ASSERT_OK(x->Fill(0x3F, dev->stream.get()));
+    Q8_ASSERT_OK((*op)->Run(x->get(), 64, y->get(), DType::kBF16, dev->stream.get()));
+    Q8_ASSERT_OK(dev->stream.Synchronize());
+    const std::string name = (*op)->kernel_name();
+    std::printf("fp8 W8A8 at m=64%s with outer-vector scales on: %s\n", with_bias ? " (bias)" : "",
+                name.c_str());
+    if (with_bias) {
+      EXPECT_EQ(name, "cuda-fp8-w8a8-cublaslt") << "a bias keeps the epilogue path";
+    } else if (dev->info.cc_major == 9) {
+      EXPECT_EQ(name, "cuda-fp8-w8a8-cublaslt-scaled");
+    }
+  }
+}
+
 // Names which kernel serves decode vs prefill (informational on the path, strict on the name).
 TEST(Fp8LinearTest, KernelNames) {
   SKIP_WITHOUT_GPU();
