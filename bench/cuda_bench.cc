@@ -13,16 +13,20 @@
 //     --context tokens; the logits of every sequence come back to the host each step, as
 //     the engine needs them for sampling);
 //   - one prefill of --prefill tokens, with the CUDA-core and the tensor-core prefill
-//     attention kernels;
+//     attention kernels, and the latter with the opt-in kernels on (below);
 //   - the same decode steps with the tokens sampled on the GPU (greedy; only the ids come
 //     back, as the engine does by default), then also replayed from CUDA graphs, and that
-//     again with the opt-in fused kernels on ("+fused": q|k|v split + RoPE + KV write in
-//     one launch, attention's split combine inside the attention kernel, fp8 activations
-//     quantized by the kernels that produce them, cuBLASLt algorithms chosen by timing;
-//     QSHARD_CUDA_FUSED_ROPE_KV / _COMBINE / _ACT_QUANT, QSHARD_CUDA_BLAS_AUTOTUNE)
-//     (--no-graphs skips these passes; a failure there is reported in the row and does not
-//     fail the run); for the dense formats also all linears at M = 1 with the autotuned
-//     cuBLASLt algorithms;
+//     again with every opt-in kernel on ("+fused", OptIns below: q|k|v split + RoPE + KV
+//     write in one launch, attention's split combine inside the attention kernel, fp8
+//     activations quantized by the kernels that produce them, cuBLASLt algorithms chosen by
+//     timing, the 4-bit factored-scale path, fp8 cuBLASLt with outer-vector scales;
+//     QSHARD_CUDA_FUSED_ROPE_KV / _COMBINE / _ACT_QUANT, QSHARD_CUDA_BLAS_AUTOTUNE,
+//     QSHARD_CUDA_INT_FACTORED, QSHARD_CUDA_FP8_BLAS_SCALED) (--no-graphs skips these
+//     passes; a failure there is reported in the row and does not fail the run);
+//   - all decoder linears with the format's opt-in linear kernel against its default at a
+//     few M ("opt-in linear kernel" column: dense formats cuBLASLt autotuned at M = 1, 16,
+//     64; 4-bit the factored-scale path at M = 1, 16, 64; fp8 W8A8 outer-vector-scaled
+//     cuBLASLt at M = 64, 512);
 //   - --sweep-splits: all decoder linears at M = 1 and 16 for several K-split targets
 //     (blocks per SM) of the quantized kernels, and "+graphs +fused" decode at the first
 //     batch size for several attention split lengths (cuda::SetAttentionMinSplitLen),
@@ -156,6 +160,31 @@ absl::StatusOr<double> Bf16GemmTflops() {
   return 2.0 * n * n * n / Median(times) / 1e12;
 }
 
+// The opt-in kernels' process-wide switches (off by default until a GPU run has verified
+// them): captured once, then either all on or back as captured. Autotuning rebuilds the
+// cuBLASLt plans when it changes.
+struct OptIns {
+  bool rope_kv, combine, act_quant, autotune, factored, blas_scaled;
+  static OptIns Current() {
+    return {cuda::FusedRopeKvWriteEnabled(),      cuda::FusedSplitCombineEnabled(),
+            cuda::FusedActQuantEnabled(),         cuda::BlasAutotuneEnabled(),
+            cuda::IntGemmFactoredScalesEnabled(), cuda::Fp8BlasScaledEnabled()};
+  }
+  static OptIns AllOn() { return {true, true, true, true, true, true}; }
+  absl::Status Apply(Backend& backend) const {
+    cuda::SetFusedRopeKvWrite(rope_kv);
+    cuda::SetFusedSplitCombine(combine);
+    cuda::SetFusedActQuant(act_quant);
+    cuda::SetIntGemmFactoredScales(factored);
+    cuda::SetFp8BlasScaled(blas_scaled);
+    if (cuda::BlasAutotuneEnabled() != autotune) {
+      cuda::SetBlasAutotune(autotune);
+      QSHARD_RETURN_IF_ERROR(ResetCudaBlasPlans(backend));
+    }
+    return absl::OkStatus();
+  }
+};
+
 struct FormatResult {
   std::string format, kernel;
   double linear_bytes = 0;  // decoder linears + lm_head, bytes read per decode step
@@ -165,7 +194,15 @@ struct FormatResult {
   // from graphs with the opt-in fused kernels on [2] (0: failed, see fast_error).
   std::map<int64_t, double> fast_tps[3];
   double linear_ms_no_pdl = 0;  // all decoder linears at M = 1 with QSHARD_CUDA_PDL=0
-  double linear_ms_autotuned = 0;  // ... with cuBLASLt autotuning (dense formats; 0: n/a)
+  // All decoder linears with the format's opt-in linear kernel `alt_kernel` (cuBLASLt
+  // autotuned for dense formats, the factored-scale path for 4-bit, outer-vector-scaled
+  // cuBLASLt for fp8 W8A8 at M > 16; empty: none) against the default, at a few M.
+  struct AltTiming {
+    int64_t m;
+    double base_ms, alt_ms;
+  };
+  std::string alt_kernel;
+  std::vector<AltTiming> alt;
   struct SweepPoint {
     int blocks_per_sm;
     int64_t m;
@@ -180,6 +217,7 @@ struct FormatResult {
   std::string fast_error;
   double prefill_tps = 0;
   double prefill_tc_tps = 0;  // with the tensor-core prefill attention (0: failed)
+  double prefill_opt_in_tps = 0;  // ... and the opt-in kernels (OptIns::AllOn; 0: failed)
   std::string error;
 };
 
@@ -394,17 +432,45 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
     QSHARD_RETURN_IF_ERROR(ms.status());
     r.linear_ms_no_pdl = *ms;
   }
+  // The same linears with the format's opt-in kernel (`set(true)`) and without, at each M
+  // of `ms`; `reset` runs after every switch (cuBLASLt plans follow the autotune switch).
+  auto time_alt = [&](const char* label, std::initializer_list<int64_t> ms, auto set, auto get,
+                      auto reset) -> absl::Status {
+    r.alt_kernel = label;
+    const bool saved = get();
+    absl::Status st;
+    for (int64_t m : ms) {
+      FormatResult::AltTiming t{m, 0, 0};
+      for (const bool on : {false, true}) {
+        set(on);
+        st.Update(reset());
+        absl::StatusOr<double> ms_or = TimeLinears(*model, m);
+        st.Update(ms_or.status());
+        if (!st.ok()) break;
+        (on ? t.alt_ms : t.base_ms) = *ms_or;
+      }
+      if (!st.ok()) break;
+      r.alt.push_back(t);
+    }
+    set(saved);
+    st.Update(reset());
+    return st;
+  };
+  auto no_reset = [] { return absl::OkStatus(); };
   if (r.kernel.find("cublaslt") != std::string::npos) {
-    // The same with cuBLASLt's algorithms chosen by timing (cuda::SetBlasAutotune) instead
-    // of by its heuristic; the plans are rebuilt before and after.
-    const bool saved = cuda::BlasAutotuneEnabled();
-    cuda::SetBlasAutotune(true);
-    QSHARD_RETURN_IF_ERROR(ResetCudaBlasPlans(*backend));
-    absl::StatusOr<double> ms = TimeLinears(*model, 1);
-    cuda::SetBlasAutotune(saved);
-    QSHARD_RETURN_IF_ERROR(ResetCudaBlasPlans(*backend));
-    QSHARD_RETURN_IF_ERROR(ms.status());
-    r.linear_ms_autotuned = *ms;
+    // cuBLASLt's algorithms chosen by timing (cuda::SetBlasAutotune) instead of by its
+    // heuristic; the plans are rebuilt with each switch.
+    QSHARD_RETURN_IF_ERROR(time_alt("blas-autotune", {1, 16, 64}, cuda::SetBlasAutotune,
+                                    cuda::BlasAutotuneEnabled,
+                                    [&] { return ResetCudaBlasPlans(*backend); }));
+  } else if (r.kernel.rfind("cuda-marlin-w4", 0) == 0) {
+    // The factored-scale path (4-bit checkpoints with integer zero points: all dummy ones).
+    QSHARD_RETURN_IF_ERROR(time_alt("factored", {1, 16, 64}, cuda::SetIntGemmFactoredScales,
+                                    cuda::IntGemmFactoredScalesEnabled, no_reset));
+  } else if (r.kernel.find("fp8-w8a8") != std::string::npos) {
+    // cuBLASLt with outer-vector scales instead of fp32 accumulators + epilogue (M > 16).
+    QSHARD_RETURN_IF_ERROR(time_alt("blas-scaled", {64, 512}, cuda::SetFp8BlasScaled,
+                                    cuda::Fp8BlasScaledEnabled, no_reset));
   }
 
   const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
@@ -425,23 +491,15 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
     // the process's settings, and (3) pass 2 with the opt-in fused kernels on (q|k|v split
     // + RoPE + KV write in one launch; attention's split combine inside the attention
     // kernel; fp8 activations quantized by the norm / SiLU kernels that produce them;
-    // cuBLASLt algorithms chosen by timing).
+    // cuBLASLt algorithms chosen by timing; the 4-bit factored-scale path).
     // Each pass rewrites the same cache positions, which is fine for timing.
-    const bool fused_rope = cuda::FusedRopeKvWriteEnabled();
-    const bool fused_combine = cuda::FusedSplitCombineEnabled();
-    const bool fused_quant = cuda::FusedActQuantEnabled();
-    const bool autotune = cuda::BlasAutotuneEnabled();
+    const OptIns opt_ins = OptIns::Current();
     // tokens/s of `steps` decode steps (the first two not timed) as pass `pass` runs them.
     auto time_steps = [&](int pass) -> absl::StatusOr<double> {
       QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, false));  // drops the graphs
       QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, pass >= 2));
-      cuda::SetFusedRopeKvWrite(pass == 3 || fused_rope);
-      cuda::SetFusedSplitCombine(pass == 3 || fused_combine);
-      cuda::SetFusedActQuant(pass == 3 || fused_quant);
-      if (pass == 3 && !autotune) {  // dense linears (lm_head included) autotuned too
-        cuda::SetBlasAutotune(true);
-        QSHARD_RETURN_IF_ERROR(ResetCudaBlasPlans(*backend));
-      }
+      // (Autotuning in pass 3 covers the dense linears and the lm_head of every format.)
+      QSHARD_RETURN_IF_ERROR((pass == 3 ? OptIns::AllOn() : opt_ins).Apply(*backend));
       std::vector<double> times;
       for (int64_t step = 0; step < steps; ++step) {
         for (int64_t s = 0; s < B; ++s) {
@@ -488,13 +546,7 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
       QSHARD_RETURN_IF_ERROR(cuda::SetAttentionMinSplitLen(saved));
     }
     QSHARD_RETURN_IF_ERROR(SetCudaGraphs(*backend, false));
-    cuda::SetFusedRopeKvWrite(fused_rope);
-    cuda::SetFusedSplitCombine(fused_combine);
-    cuda::SetFusedActQuant(fused_quant);
-    if (cuda::BlasAutotuneEnabled() != autotune) {
-      cuda::SetBlasAutotune(autotune);
-      QSHARD_RETURN_IF_ERROR(ResetCudaBlasPlans(*backend));
-    }
+    QSHARD_RETURN_IF_ERROR(opt_ins.Apply(*backend));
   }
 
   if (prefill > 0) {
@@ -504,28 +556,33 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
     std::iota(table.begin(), table.end(), 0);
     SequenceChunk c{ids, 0, table, LogitsMode::kLast};
     // With the CUDA-core attention kernel, then with the tensor-core one (the default;
-    // QSHARD_CUDA_TC_ATTENTION=0 turns it off); the process-wide setting is restored after.
+    // QSHARD_CUDA_TC_ATTENTION=0 turns it off), then that with the opt-in kernels on; the
+    // process-wide settings are restored after.
     const bool tc_before = cuda::TensorCorePrefillAttentionEnabled();
-    for (const bool tc : {false, true}) {
-      cuda::SetTensorCorePrefillAttention(tc);
+    const OptIns opt_ins = OptIns::Current();
+    for (int pass = 0; pass < 3; ++pass) {
+      cuda::SetTensorCorePrefillAttention(pass > 0);
+      absl::Status st = (pass == 2 ? OptIns::AllOn() : opt_ins).Apply(*backend);
       std::vector<double> times;
-      absl::Status st;
       for (int rep = 0; rep < 4 && st.ok(); ++rep) {
         auto ts = Clock::now();
         st = model->Forward({&c, 1}, &logits);
         if (rep >= 1) times.push_back(Seconds(ts));
       }
-      if (!tc) {
+      if (pass == 0) {
         cuda::SetTensorCorePrefillAttention(tc_before);
         QSHARD_RETURN_IF_ERROR(st);
         r.prefill_tps = prefill / Median(times);
       } else if (st.ok()) {
-        r.prefill_tc_tps = prefill / Median(times);
+        (pass == 1 ? r.prefill_tc_tps : r.prefill_opt_in_tps) = prefill / Median(times);
       } else if (r.fast_error.empty()) {
-        r.fast_error = "tensor-core prefill attention: " + st.ToString();
+        r.fast_error = absl::StrCat(
+            pass == 1 ? "tensor-core prefill attention: " : "prefill with the opt-in kernels: ",
+            st.ToString());
       }
     }
     cuda::SetTensorCorePrefillAttention(tc_before);
+    QSHARD_RETURN_IF_ERROR(opt_ins.Apply(*backend));
   }
   return absl::OkStatus();
 }
@@ -637,25 +694,31 @@ int Main(int argc, char** argv) {
   std::printf(
       "decode: context %lld tokens, median of %lld steps, logits to the host each step "
       "(gpu-sample: greedy on the GPU, ids to the host; +graphs: also CUDA graphs; "
-      "+fused: also the opt-in fused RoPE/KV-write and attention combine); "
+      "+fused: also the opt-in kernels: fused RoPE/KV-write, in-kernel attention combine, "
+      "fp8 activations quantized by their producers, cuBLASLt autotuning, 4-bit factored "
+      "scales); "
       "prefill: one %lld-token prompt\n\n",
       static_cast<long long>(context), static_cast<long long>(steps - 2),
       static_cast<long long>(prefill));
   std::printf("| format | kernel | weights GB/token | roofline b1 tok/s | linears M=1 ms (TB/s) "
               "| linears M=16 ms (TB/s) |");
   for (int64_t B : batches) std::printf(" decode b%lld tok/s |", static_cast<long long>(B));
-  std::printf(" b1 / roofline | prefill tok/s | prefill tc-attn tok/s |");
+  std::printf(
+      " b1 / roofline | prefill tok/s | prefill tc-attn tok/s | prefill tc-attn +opt-in "
+      "tok/s |");
   if (graphs) {
     for (int64_t B : batches) std::printf(" gpu-sample b%lld tok/s |", static_cast<long long>(B));
     for (int64_t B : batches) std::printf(" +graphs b%lld tok/s |", static_cast<long long>(B));
     for (int64_t B : batches) {
       std::printf(" +graphs +fused b%lld tok/s |", static_cast<long long>(B));
     }
-    std::printf(" +graphs b1 / roofline | linears M=1 no-PDL ms | linears M=1 blas-autotune ms |");
+    std::printf(
+        " +graphs b1 / roofline | linears M=1 no-PDL ms | opt-in linear kernel: all "
+        "linears ms, default -> opt-in |");
   }
   std::printf("\n|---|---|---|---|---|---|");
   for (size_t i = 0; i < batches.size(); ++i) std::printf("---|");
-  std::printf("---|---|---|");
+  std::printf("---|---|---|---|");
   if (graphs) {
     for (size_t i = 0; i < 3 * batches.size(); ++i) std::printf("---|");
     std::printf("---|---|---|");
@@ -684,9 +747,9 @@ int Main(int argc, char** argv) {
     for (int64_t B : batches) cell(r.decode_tps, B);
     std::printf(" %.0f%% |", 100.0 * r.decode_tps.at(batches.front()) / roof);
     if (r.prefill_tps > 0) {
-      std::printf(" %.0f | %.0f |", r.prefill_tps, r.prefill_tc_tps);
+      std::printf(" %.0f | %.0f | %.0f |", r.prefill_tps, r.prefill_tc_tps, r.prefill_opt_in_tps);
     } else {
-      std::printf(" - | - |");
+      std::printf(" - | - | - |");
     }
     if (graphs) {
       for (const auto& tps : r.fast_tps) {
@@ -695,8 +758,13 @@ int Main(int argc, char** argv) {
       const auto& g = r.fast_tps[1];
       const double g1 = g.count(batches.front()) ? g.at(batches.front()) : 0.0;
       std::printf(" %.0f%% | %.3f |", 100.0 * g1 / roof, r.linear_ms_no_pdl);
-      if (r.linear_ms_autotuned > 0) {
-        std::printf(" %.3f |", r.linear_ms_autotuned);
+      if (!r.alt.empty()) {
+        std::printf(" %s:", r.alt_kernel.c_str());
+        for (const auto& t : r.alt) {
+          std::printf(" M=%lld %.3f -> %.3f (%.2fx)", static_cast<long long>(t.m), t.base_ms,
+                      t.alt_ms, t.base_ms / t.alt_ms);
+        }
+        std::printf(" |");
       } else {
         std::printf(" - |");
       }

@@ -30,13 +30,16 @@
 #   QSHARD_DEVICE_FALLBACK  "off" skips the second run of the model tests with the default
 #                           fast paths off (QSHARD_CUDA_GRAPHS / _SAMPLING / _TC_ATTENTION /
 #                           _PDL=0), which is what a user who turns them off runs
+#   QSHARD_DEVICE_OPTIN     "off" skips the third run of the model tests with every opt-in
+#                           kernel on (OPTIN_ENV below, plus cuBLASLt autotuning): the
+#                           fixtures end to end through what may become the defaults
 #
 # The fixture test needs the shared models: scripts/prepare-device-fixtures.sh copies the
 # ones a run needs into .device-fixtures/ (carry it too); without it those tests skip.
 #
 # Writes to LOG_DIR (flat, and at most 8 files, so everything comes back from the device
-# tool): build.log, nvidia-smi.txt, <target>.log (3: the two test binaries and the model
-# tests' fallback run), bench.log, ncu.log, summary.txt (the
+# tool): build.log (nvidia-smi's report first), <target>.log (4: the two test binaries and
+# the model tests' fallback and opt-in runs), bench.log, ncu.log, summary.txt (the
 # gtest XML reports and the per-kernel profile table go to the build folder). Exit status: 0 only when everything built, every test passed and none
 # skipped.
 set -euo pipefail
@@ -57,6 +60,9 @@ JOBS="$(nproc 2>/dev/null || echo 4)"
 BUILD_LOG="$LOG_DIR/build.log"
 SUMMARY="$LOG_DIR/summary.txt"
 : >"$BUILD_LOG"
+# The opt-in kernels (off by default until a GPU run has verified and measured them).
+OPTIN_ENV=(QSHARD_CUDA_FUSED_ROPE_KV=1 QSHARD_CUDA_FUSED_COMBINE=1 QSHARD_CUDA_FUSED_ACT_QUANT=1
+  QSHARD_CUDA_INT_FACTORED=1)
 
 section() { printf '\n==== %s ====\n' "$*"; }
 # An executable on PATH (command -v alone also reports a non-executable match).
@@ -77,14 +83,14 @@ fi
 DEVICE_NAME="(no nvidia-smi)"
 if have nvidia-smi; then
   # Read-only queries: never change clocks, power, compute mode or MIG here.
-  nvidia-smi >"$LOG_DIR/nvidia-smi.txt" 2>&1 || true
+  nvidia-smi >>"$BUILD_LOG" 2>&1 || true
   GPU_CSV="$(nvidia-smi --query-gpu=index,name,compute_cap,memory.total,driver_version \
     --format=csv,noheader 2>/dev/null || true)"
   echo "gpus:    ${GPU_CSV:-none reported}" | sed '2,$s/^/         /'
   DEVICE_NAME="$(printf '%s\n' "$GPU_CSV" | head -1 | cut -d, -f2- | sed 's/^ *//')"
   [[ -n "$DEVICE_NAME" ]] || DEVICE_NAME="(nvidia-smi lists no GPU)"
 else
-  echo "gpus:    nvidia-smi not found" | tee "$LOG_DIR/nvidia-smi.txt"
+  echo "gpus:    nvidia-smi not found" | tee -a "$BUILD_LOG"
 fi
 
 # ---------------------------------------------------------------------------
@@ -244,6 +250,11 @@ if [[ "${QSHARD_DEVICE_FALLBACK:-on}" != off && " ${TESTS[*]} " == *" qshard_mod
   run_tests qshard_model_cuda_tests-fallback "$BUILD_DIR/bin/qshard_model_cuda_tests" \
     QSHARD_CUDA_GRAPHS=0 QSHARD_CUDA_SAMPLING=0 QSHARD_CUDA_TC_ATTENTION=0 QSHARD_CUDA_PDL=0
 fi
+if [[ "${QSHARD_DEVICE_OPTIN:-on}" != off && " ${TESTS[*]} " == *" qshard_model_cuda_tests "* ]]; then
+  RUNS+=(qshard_model_cuda_tests-optin)
+  run_tests qshard_model_cuda_tests-optin "$BUILD_DIR/bin/qshard_model_cuda_tests" \
+    "${OPTIN_ENV[@]}" QSHARD_CUDA_BLAS_AUTOTUNE=1
+fi
 
 # ---------------------------------------------------------------------------
 BENCH_RESULT="skipped (QSHARD_DEVICE_BENCH=off)"
@@ -323,8 +334,7 @@ if [[ "$BENCH_ARGS" != off && "$STEP_FORMATS" != off && -n "$NCU" ]] && have pyt
   STEP_RESULT="ok"
   for f in ${STEP_FORMATS//,/ }; do
     rc=0
-    QSHARD_CUDA_FUSED_ROPE_KV=1 QSHARD_CUDA_FUSED_COMBINE=1 QSHARD_CUDA_FUSED_ACT_QUANT=1 \
-      timeout 90 "$NCU" \
+    env "${OPTIN_ENV[@]}" timeout 90 "$NCU" \
       --clock-control none --cache-control none --nvtx --nvtx-include "step/" \
       --metrics gpu__time_duration.sum --csv --page raw \
       "$BUILD_DIR/bin/qshard_cuda_bench" --formats "$f" --layers 4 --profile-step 1 --context 256 \
