@@ -486,6 +486,29 @@ TEST(Fp8LinearTest, Int8WeightOnly) {
   RunLayerCases({WeightFormat::kInt8, ActQuant::kNone, false, false}, 7000);
 }
 
+// A 256 x 512 layer of random codes, scales 1e-3 per channel, bias 0.5 when asked.
+LinearWeights SmallLayer(const std::string& name, WeightFormat format, ActQuant act,
+                         bool with_bias) {
+  const bool fp8 = format == WeightFormat::kFp8;
+  LinearWeights w;
+  w.name = name;
+  w.in_features = 512;
+  w.out_features = 256;
+  w.format = format;
+  w.act_quant = act;
+  w.weight = Tensor::Empty(fp8 ? DType::kF8E4M3 : DType::kI8, {256, 512});
+  const std::vector<uint8_t> codes =
+      fp8 ? RandomE4M3Codes(256 * 512, 3) : RandomInt8Codes(256 * 512, 3);
+  std::memcpy(w.weight.raw(), codes.data(), codes.size());
+  w.weight_scale = Tensor::Empty(DType::kF32, {256, 1});
+  for (int i = 0; i < 256; ++i) w.weight_scale.data<float>()[i] = 1e-3f;
+  if (with_bias) {
+    w.bias = Tensor::Empty(DType::kF32, {256});
+    for (int i = 0; i < 256; ++i) w.bias.data<float>()[i] = 0.5f;
+  }
+  return w;
+}
+
 // The outer-vector-scaled cuBLASLt path (SetFp8BlasScaled) for m > 16: every fp8 W8A8 case
 // against the float64 reference again (per-channel and per-tensor weights, per-token and
 // static activations; with a bias the linear keeps the accumulator + epilogue path). On
@@ -508,21 +531,7 @@ TEST(Fp8LinearTest, Fp8BlasScaledMatchesReference) {
   ASSERT_NE(dev, nullptr);
   if (!HasFp8TensorCores(dev->info)) GTEST_SKIP() << "no fp8 tensor cores";
   for (const bool with_bias : {false, true}) {
-    LinearWeights w;
-    w.name = "scaled";
-    w.in_features = 512;
-    w.out_features = 256;
-    w.format = WeightFormat::kFp8;
-    w.act_quant = ActQuant::kFp8PerToken;
-    w.weight = Tensor::Empty(DType::kF8E4M3, {256, 512});
-    const std::vector<uint8_t> codes = RandomE4M3Codes(256 * 512, 3);
-    std::memcpy(w.weight.raw(), codes.data(), codes.size());
-    w.weight_scale = Tensor::Empty(DType::kF32, {256, 1});
-    for (int i = 0; i < 256; ++i) w.weight_scale.data<float>()[i] = 1e-3f;
-    if (with_bias) {
-      w.bias = Tensor::Empty(DType::kF32, {256});
-      for (int i = 0; i < 256; ++i) w.bias.data<float>()[i] = 0.5f;
-    }
+    LinearWeights w = SmallLayer("scaled", WeightFormat::kFp8, ActQuant::kFp8PerToken, with_bias);
     auto op = QuantLinear8::Create(w, dev->info.cc_major, dev->info.cc_minor, dev->stream.get());
     ASSERT_TRUE(op.ok()) << op.status();
     auto x = DeviceBuffer::Allocate(64 * 512 * 2);
@@ -547,15 +556,7 @@ TEST(Fp8LinearTest, KernelNames) {
   SKIP_WITHOUT_GPU();
   auto dev = OpenDevice();
   ASSERT_NE(dev, nullptr);
-  LinearWeights w;
-  w.name = "names";
-  w.in_features = 512;
-  w.out_features = 256;
-  w.format = WeightFormat::kInt8;
-  w.act_quant = ActQuant::kInt8PerToken;
-  w.weight = Tensor::Empty(DType::kI8, {256, 512});
-  w.weight_scale = Tensor::Empty(DType::kF32, {1});
-  w.weight_scale.data<float>()[0] = 1e-3f;
+  LinearWeights w = SmallLayer("names", WeightFormat::kInt8, ActQuant::kInt8PerToken, false);
   auto op = QuantLinear8::Create(w, dev->info.cc_major, dev->info.cc_minor, dev->stream.get());
   ASSERT_TRUE(op.ok()) << op.status();
   EXPECT_EQ((*op)->kernel_name(), "cuda-int8-w8a8-gemv");

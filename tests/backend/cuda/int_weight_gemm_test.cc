@@ -462,6 +462,12 @@ TEST_F(IntWeightGemmTest, MatchesReferenceAcrossShapesGroupsAndBits) {
   }
 }
 
+// Puts the process-wide factored-scale switch back when a test ends.
+struct FactoredScalesRestore {
+  bool saved = IntGemmFactoredScalesEnabled();
+  ~FactoredScalesRestore() { SetIntGemmFactoredScales(saved); }
+};
+
 // The factored-scale path (SetIntGemmFactoredScales): 4-bit with integer zero points at
 // M <= 64. It keeps no bf16 weight rounding: x (bf16) times the exact t = code - zero is
 // exact in fp32, accumulated in fp32 per group, times the group's scale (s_hi + s_lo, within
@@ -470,12 +476,6 @@ TEST_F(IntWeightGemmTest, MatchesReferenceAcrossShapesGroupsAndBits) {
 // the factored kernel ran; bf16 output keeps the general bound (its rounding dominates).
 // Matrices the path may not take (float zeros, 8-bit, M > 64) take the default kernel and
 // meet the general bounds.
-// Puts the process-wide factored-scale switch back when a test ends.
-struct FactoredScalesRestore {
-  bool saved = IntGemmFactoredScalesEnabled();
-  ~FactoredScalesRestore() { SetIntGemmFactoredScales(saved); }
-};
-
 TEST_F(IntWeightGemmTest, FactoredScalesMatchReference) {
   FactoredScalesRestore restore;
   SetIntGemmFactoredScales(true);
@@ -495,28 +495,20 @@ TEST_F(IntWeightGemmTest, FactoredScalesMatchReference) {
   cases.push_back({64, 8500, 256, 4, 128, false, ZeroKind::kRandomInt, DType::kF32});
   cases.push_back({1, 4096, 4096, 4, 128, false, ZeroKind::kSymmetric, DType::kF32});
   cases.push_back({7, 1000, 512, 4, 128, false, ZeroKind::kRandomInt, DType::kBF16});
-  uint32_t seed = 500;
-  for (const GemmCase& c : cases) {
-    const IntQuantMatrix w = MakeMatrix(c.n, c.k, c.bits, c.group_size, c.act_order, c.zeros, seed);
-    auto g = IntWeightGemm::Create(w, stream_.get());
-    ASSERT_TRUE(g.ok()) << g.status();
-    EXPECT_TRUE((*g)->UsesFactoredScales(c.m)) << CaseName(c);
-    RunCase(c, seed, stream_.get(), 2, c.y_dtype == DType::kF32 ? 1e-4 : 1e-2);
-    seed += 7;
-    if (HasFatalFailure()) return;
-  }
+  const size_t eligible = cases.size();
   // Not eligible: the default kernel, general bounds.
-  const GemmCase others[] = {
-      {3, 256, 512, 4, 128, false, ZeroKind::kFloat, DType::kF32},
-      {3, 384, 1024, 8, 64, false, ZeroKind::kRandomInt, DType::kF32},
-      {65, 256, 512, 4, 128, false, ZeroKind::kRandomInt, DType::kF32},
-  };
-  for (const GemmCase& c : others) {
+  cases.push_back({3, 256, 512, 4, 128, false, ZeroKind::kFloat, DType::kF32});
+  cases.push_back({3, 384, 1024, 8, 64, false, ZeroKind::kRandomInt, DType::kF32});
+  cases.push_back({65, 256, 512, 4, 128, false, ZeroKind::kRandomInt, DType::kF32});
+  uint32_t seed = 500;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const GemmCase& c = cases[i];
+    const bool factored = i < eligible;
     const IntQuantMatrix w = MakeMatrix(c.n, c.k, c.bits, c.group_size, c.act_order, c.zeros, seed);
     auto g = IntWeightGemm::Create(w, stream_.get());
     ASSERT_TRUE(g.ok()) << g.status();
-    EXPECT_FALSE((*g)->UsesFactoredScales(c.m)) << CaseName(c);
-    RunCase(c, seed, stream_.get());
+    EXPECT_EQ((*g)->UsesFactoredScales(c.m), factored) << CaseName(c);
+    RunCase(c, seed, stream_.get(), 2, factored && c.y_dtype == DType::kF32 ? 1e-4 : 1e-2);
     seed += 7;
     if (HasFatalFailure()) return;
   }
