@@ -616,18 +616,18 @@ int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The tensor-core prefill switch: on unless QSHARD_CUDA_TC_ATTENTION=0 at first use, then
 // whatever SetTensorCorePrefillAttention stored.
-std::atomic<bool>& TensorCorePrefillFlag() {
-  static std::atomic<bool> flag(EnvSwitch("QSHARD_CUDA_TC_ATTENTION", /*default_on=*/true));
+EnvFlag& TensorCorePrefillFlag() {
+  static EnvFlag flag("QSHARD_CUDA_TC_ATTENTION", /*default_on=*/true);
   return flag;
 }
 
-std::atomic<bool>& FusedCombineFlag() {
-  static std::atomic<bool> flag(EnvSwitch("QSHARD_CUDA_FUSED_COMBINE", /*default_on=*/false));
+EnvFlag& FusedCombineFlag() {
+  static EnvFlag flag("QSHARD_CUDA_FUSED_COMBINE", /*default_on=*/false);
   return flag;
 }
 
-std::atomic<bool>& FusedRopeKvFlag() {
-  static std::atomic<bool> flag(EnvSwitch("QSHARD_CUDA_FUSED_ROPE_KV", /*default_on=*/false));
+EnvFlag& FusedRopeKvFlag() {
+  static EnvFlag flag("QSHARD_CUDA_FUSED_ROPE_KV", /*default_on=*/false);
   return flag;
 }
 
@@ -772,11 +772,11 @@ absl::Status SetAttentionMinSplitLen(int64_t positions) {
 }
 int64_t AttentionMinSplitLen() { return g_min_split_len.load(std::memory_order_relaxed); }
 
-void SetFusedSplitCombine(bool on) { FusedCombineFlag().store(on, std::memory_order_relaxed); }
-bool FusedSplitCombineEnabled() { return FusedCombineFlag().load(std::memory_order_relaxed); }
+void SetFusedSplitCombine(bool on) { FusedCombineFlag().Set(on); }
+bool FusedSplitCombineEnabled() { return FusedCombineFlag().Get(); }
 
-void SetFusedRopeKvWrite(bool on) { FusedRopeKvFlag().store(on, std::memory_order_relaxed); }
-bool FusedRopeKvWriteEnabled() { return FusedRopeKvFlag().load(std::memory_order_relaxed); }
+void SetFusedRopeKvWrite(bool on) { FusedRopeKvFlag().Set(on); }
+bool FusedRopeKvWriteEnabled() { return FusedRopeKvFlag().Get(); }
 
 int64_t PagedAttentionSplitTickets(int64_t num_seqs, int64_t num_heads) {
   // Decode grids are (S, KVH * subgroups) with KVH * subgroups <= H (a subgroup holds at
@@ -793,12 +793,8 @@ int64_t PagedAttentionWorkspaceBytes(int64_t num_tokens, int64_t num_heads, int6
   return splits * num_tokens * num_heads * (head_dim + 2) * static_cast<int64_t>(sizeof(float));
 }
 
-void SetTensorCorePrefillAttention(bool on) {
-  TensorCorePrefillFlag().store(on, std::memory_order_relaxed);
-}
-bool TensorCorePrefillAttentionEnabled() {
-  return TensorCorePrefillFlag().load(std::memory_order_relaxed);
-}
+void SetTensorCorePrefillAttention(bool on) { TensorCorePrefillFlag().Set(on); }
+bool TensorCorePrefillAttentionEnabled() { return TensorCorePrefillFlag().Get(); }
 
 absl::Status LaunchPagedAttention(const PagedAttentionArgs& a, cudaStream_t stream) {
   if (a.max_query_len > 1 && TensorCorePrefillAttentionEnabled() &&

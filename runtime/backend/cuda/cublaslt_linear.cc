@@ -31,8 +31,8 @@ using PreferencePtr = std::unique_ptr<std::remove_pointer_t<cublasLtMatmulPrefer
 // Candidates the autotuner times per problem.
 constexpr int kAutotuneCandidates = 8;
 
-std::atomic<bool>& AutotuneFlag() {
-  static std::atomic<bool> flag(EnvSwitch("QSHARD_CUDA_BLAS_AUTOTUNE", /*default_on=*/false));
+EnvFlag& AutotuneFlag() {
+  static EnvFlag flag("QSHARD_CUDA_BLAS_AUTOTUNE", /*default_on=*/false);
   return flag;
 }
 
@@ -50,8 +50,8 @@ TunedAlgos& Tuned() {
 
 }  // namespace
 
-void SetBlasAutotune(bool on) { AutotuneFlag().store(on, std::memory_order_relaxed); }
-bool BlasAutotuneEnabled() { return AutotuneFlag().load(std::memory_order_relaxed); }
+void SetBlasAutotune(bool on) { AutotuneFlag().Set(on); }
+bool BlasAutotuneEnabled() { return AutotuneFlag().Get(); }
 
 // The descriptors and algorithm of one problem; read-only once built, so concurrent
 // Linear calls may share it.

@@ -13,6 +13,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -29,6 +30,20 @@ bool CudaDeviceAvailable();
 // The value of the on/off environment switch `name` (QSHARD_CUDA_*): default_on switches are
 // turned off by "0", default-off ones turned on by "1"; anything else leaves the default.
 bool EnvSwitch(const char* name, bool default_on);
+
+// A process-wide on/off switch that starts from EnvSwitch(name, default_on) and can be
+// flipped at run time (tests, benchmarks); reads and writes are relaxed atomics. Kept in a
+// function-local static, so the environment is read on first use:
+//   EnvFlag& Flag() { static EnvFlag f("QSHARD_CUDA_X", false); return f; }
+class EnvFlag {
+ public:
+  EnvFlag(const char* name, bool default_on) : on_(EnvSwitch(name, default_on)) {}
+  void Set(bool on) { on_.store(on, std::memory_order_relaxed); }
+  bool Get() const { return on_.load(std::memory_order_relaxed); }
+
+ private:
+  std::atomic<bool> on_;
+};
 
 // What the backend needs to know about one device, read once at start.
 struct DeviceInfo {

@@ -698,24 +698,24 @@ absl::StatusOr<std::unique_ptr<QuantLinear8>> QuantLinear8::Create(const LinearW
 }
 
 namespace {
-std::atomic<bool>& FusedActQuantFlag() {
-  static std::atomic<bool> flag(EnvSwitch("QSHARD_CUDA_FUSED_ACT_QUANT", /*default_on=*/false));
+EnvFlag& FusedActQuantFlag() {
+  static EnvFlag flag("QSHARD_CUDA_FUSED_ACT_QUANT", /*default_on=*/false);
   return flag;
 }
 }  // namespace
 
-void SetFusedActQuant(bool on) { FusedActQuantFlag().store(on, std::memory_order_relaxed); }
-bool FusedActQuantEnabled() { return FusedActQuantFlag().load(std::memory_order_relaxed); }
+void SetFusedActQuant(bool on) { FusedActQuantFlag().Set(on); }
+bool FusedActQuantEnabled() { return FusedActQuantFlag().Get(); }
 
 namespace {
-std::atomic<bool>& Fp8BlasScaledFlag() {
-  static std::atomic<bool> flag(EnvSwitch("QSHARD_CUDA_FP8_BLAS_SCALED", /*default_on=*/false));
+EnvFlag& Fp8BlasScaledFlag() {
+  static EnvFlag flag("QSHARD_CUDA_FP8_BLAS_SCALED", /*default_on=*/false);
   return flag;
 }
 }  // namespace
 
-void SetFp8BlasScaled(bool on) { Fp8BlasScaledFlag().store(on, std::memory_order_relaxed); }
-bool Fp8BlasScaledEnabled() { return Fp8BlasScaledFlag().load(std::memory_order_relaxed); }
+void SetFp8BlasScaled(bool on) { Fp8BlasScaledFlag().Set(on); }
+bool Fp8BlasScaledEnabled() { return Fp8BlasScaledFlag().Get(); }
 
 std::string QuantLinear8::kernel_name() const {
   return absl::StrCat("cuda-", ModeLabel(mode_),

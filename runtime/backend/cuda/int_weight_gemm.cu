@@ -618,16 +618,14 @@ namespace {
 // M = 16 4.27 / 3.93 / 4.00 / 4.02 / 4.23 ms.
 std::atomic<int> g_int_gemm_blocks_per_sm{8};
 
-std::atomic<bool>& FactoredScalesFlag() {
-  static std::atomic<bool> flag(EnvSwitch("QSHARD_CUDA_INT_FACTORED", /*default_on=*/false));
+EnvFlag& FactoredScalesFlag() {
+  static EnvFlag flag("QSHARD_CUDA_INT_FACTORED", /*default_on=*/false);
   return flag;
 }
 }  // namespace
 
-void SetIntGemmFactoredScales(bool on) {
-  FactoredScalesFlag().store(on, std::memory_order_relaxed);
-}
-bool IntGemmFactoredScalesEnabled() { return FactoredScalesFlag().load(std::memory_order_relaxed); }
+void SetIntGemmFactoredScales(bool on) { FactoredScalesFlag().Set(on); }
+bool IntGemmFactoredScalesEnabled() { return FactoredScalesFlag().Get(); }
 
 void SetIntGemmBlocksPerSm(int blocks) {
   g_int_gemm_blocks_per_sm.store(std::clamp(blocks, 1, 64), std::memory_order_relaxed);

@@ -47,6 +47,8 @@
 #include "runtime/backend/cuda/cublaslt_loader.h"
 #include "runtime/backend/cuda/cuda_context.h"
 #include "runtime/backend/cuda/embedding_rmsnorm.h"
+#include "runtime/backend/cuda/fp8_linear.h"
+#include "runtime/backend/cuda/int_weight_gemm.h"
 #include "runtime/base/dtype.h"
 #include "runtime/base/half.h"
 #include "runtime/base/status_macros.h"
@@ -492,6 +494,43 @@ TEST(CudaOpsArgsTest, EnvSwitchReadsOnlyZeroAndOne) {
   EXPECT_TRUE(EnvSwitch(name, true));
   EXPECT_FALSE(EnvSwitch(name, false));
   ::unsetenv(name);
+}
+
+// EnvFlag starts from the environment when constructed and then follows Set only.
+TEST(CudaOpsArgsTest, EnvFlagStartsFromTheEnvironment) {
+  const char* name = "QSHARD_CUDA_TEST_ONLY_FLAG";
+  ::setenv(name, "1", 1);
+  EnvFlag on(name, /*default_on=*/false);
+  ::unsetenv(name);
+  EnvFlag off(name, /*default_on=*/false);
+  EXPECT_TRUE(on.Get());
+  EXPECT_FALSE(off.Get());
+  ::setenv(name, "0", 1);  // read once: later changes of the environment do not matter
+  EXPECT_TRUE(on.Get());
+  on.Set(false);
+  off.Set(true);
+  EXPECT_FALSE(on.Get());
+  EXPECT_TRUE(off.Get());
+  ::unsetenv(name);
+}
+
+// The process-wide switches of the opt-in kernels follow their setters (the default of each
+// is asserted nowhere: a GPU run decides them).
+TEST(CudaOpsArgsTest, OptInSwitches) {
+  struct Switch {
+    void (*set)(bool);
+    bool (*get)();
+  };
+  const Switch switches[] = {{SetIntGemmFactoredScales, IntGemmFactoredScalesEnabled},
+                             {SetFp8BlasScaled, Fp8BlasScaledEnabled},
+                             {SetFusedActQuant, FusedActQuantEnabled}};
+  for (const Switch& sw : switches) {
+    const bool saved = sw.get();
+    sw.set(!saved);
+    EXPECT_EQ(sw.get(), !saved);
+    sw.set(saved);
+    EXPECT_EQ(sw.get(), saved);
+  }
 }
 
 TEST(CudaOpsArgsTest, BlasAutotuneSwitch) {
