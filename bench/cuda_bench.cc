@@ -27,7 +27,8 @@
 //     few M ("opt-in linear kernel" column: dense formats cuBLASLt autotuned at M = 1, 16,
 //     64; 4-bit the factored-scale path at M = 1, 16, 64; fp8 W8A8 outer-vector-scaled
 //     cuBLASLt at M = 64, 512);
-//   - --sweep-splits: all decoder linears at M = 1 and 16 for several K-split targets
+//   - --sweep-splits: all decoder linears at M = 1 and 16 (and 64 for the integer kernel,
+//     4-bit with and without the factored-scale path) for several K-split targets
 //     (blocks per SM) of the quantized kernels, and "+graphs +fused" decode at the first
 //     batch size for several attention split lengths (cuda::SetAttentionMinSplitLen),
 //     printed under the format's row.
@@ -205,6 +206,7 @@ struct FormatResult {
   std::vector<AltTiming> alt;
   struct SweepPoint {
     int blocks_per_sm;
+    bool factored;  // the 4-bit factored-scale path
     int64_t m;
     double ms;
   };
@@ -407,19 +409,27 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
   for (int64_t m : {1, 16}) {
     QSHARD_ASSIGN_OR_RETURN(r.linear_ms[m], TimeLinears(*model, m));
   }
-  if (sweep) {  // the K-split target of the quantized linear kernels, at M = 1 and 16
+  if (sweep) {  // the K-split target of the quantized linear kernels, at M = 1, 16 (and 64)
     const bool int_kernel = r.kernel.rfind("cuda-marlin", 0) == 0;
+    const bool int4 = r.kernel.rfind("cuda-marlin-w4", 0) == 0;
     const bool gemv8 = r.kernel.find("gemv") != std::string::npos;
     if (int_kernel || gemv8) {
       const int saved = int_kernel ? cuda::IntGemmBlocksPerSm() : cuda::Gemv8BlocksPerSm();
-      for (int bps : {1, 2, 3, 4, 6, 8, 12}) {
-        if (int_kernel) cuda::SetIntGemmBlocksPerSm(bps);
-        if (gemv8) cuda::SetGemv8BlocksPerSm(bps);
-        for (int64_t m : {1, 16}) {
-          QSHARD_ASSIGN_OR_RETURN(const double ms, TimeLinears(*model, m));
-          r.sweep.push_back({bps, m, ms});
+      const bool saved_factored = cuda::IntGemmFactoredScalesEnabled();
+      for (const bool factored : {false, true}) {
+        if (factored && !int4) break;
+        cuda::SetIntGemmFactoredScales(factored);
+        for (int bps : {1, 2, 3, 4, 6, 8, 12}) {
+          if (int_kernel) cuda::SetIntGemmBlocksPerSm(bps);
+          if (gemv8) cuda::SetGemv8BlocksPerSm(bps);
+          for (int64_t m : {1, 16, 64}) {
+            if (m > 16 && !int_kernel) continue;  // the GEMV serves M <= 16
+            QSHARD_ASSIGN_OR_RETURN(const double ms, TimeLinears(*model, m));
+            r.sweep.push_back({bps, factored, m, ms});
+          }
         }
       }
+      cuda::SetIntGemmFactoredScales(saved_factored);
       if (int_kernel) cuda::SetIntGemmBlocksPerSm(saved);
       if (gemv8) cuda::SetGemv8BlocksPerSm(saved);
     }
@@ -770,9 +780,16 @@ int Main(int argc, char** argv) {
       }
     }
     std::printf("\n");
-    for (const auto& pt : r.sweep) {
-      std::printf("  sweep %s: %d blocks/SM target, M=%lld: all linears %.3f ms\n",
-                  r.format.c_str(), pt.blocks_per_sm, static_cast<long long>(pt.m), pt.ms);
+    for (size_t i = 0; i < r.sweep.size();) {  // one line per (path, blocks/SM target)
+      const auto& first = r.sweep[i];
+      std::printf("  sweep %s%s: %d blocks/SM target: all linears", r.format.c_str(),
+                  first.factored ? " factored" : "", first.blocks_per_sm);
+      for (; i < r.sweep.size() && r.sweep[i].blocks_per_sm == first.blocks_per_sm &&
+             r.sweep[i].factored == first.factored;
+           ++i) {
+        std::printf(" M=%lld %.3f ms", static_cast<long long>(r.sweep[i].m), r.sweep[i].ms);
+      }
+      std::printf("\n");
     }
     for (const auto& pt : r.attn_sweep) {
       std::printf(
