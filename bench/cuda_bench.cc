@@ -19,16 +19,17 @@
 //     again with every opt-in kernel on ("+fused", OptIns below: q|k|v split + RoPE + KV
 //     write in one launch, attention's split combine inside the attention kernel, fp8
 //     activations quantized by the kernels that produce them, cuBLASLt algorithms chosen by
-//     timing, the 4-bit factored-scale path, fp8 cuBLASLt with outer-vector scales;
-//     QSHARD_CUDA_FUSED_ROPE_KV / _COMBINE / _ACT_QUANT, QSHARD_CUDA_BLAS_AUTOTUNE,
-//     QSHARD_CUDA_INT_FACTORED, QSHARD_CUDA_FP8_BLAS_SCALED) (--no-graphs skips these
+//     timing, the 4-bit factored-scale GEMM and decode GEMV, fp8 cuBLASLt with outer-vector
+//     scales; QSHARD_CUDA_FUSED_ROPE_KV / _COMBINE / _ACT_QUANT, QSHARD_CUDA_BLAS_AUTOTUNE,
+//     QSHARD_CUDA_INT_FACTORED / _INT_GEMV, QSHARD_CUDA_FP8_BLAS_SCALED) (--no-graphs skips these
 //     passes; a failure there is reported in the row and does not fail the run);
 //   - all decoder linears with the format's opt-in linear kernel against its default at a
 //     few M ("opt-in linear kernel" column: dense formats cuBLASLt autotuned at M = 1, 16,
-//     64; 4-bit the factored-scale path at M = 1, 16, 64; fp8 W8A8 outer-vector-scaled
+//     64; 4-bit the factored-scale GEMM at M = 1, 16, 64 and the decode GEMV at M = 1, 16;
+//     fp8 W8A8 outer-vector-scaled
 //     cuBLASLt at M = 64, 512);
-//   - --sweep-splits: all decoder linears at M = 1 and 16 (and 64 for the integer kernel,
-//     4-bit with and without the factored-scale path) for several K-split targets
+//   - --sweep-splits: all decoder linears at M = 1 and 16 (and 64 for the integer kernel;
+//     4-bit also with the factored-scale GEMM and the decode GEMV) for several K-split targets
 //     (blocks per SM) of the quantized kernels, and "+graphs +fused" decode at the first
 //     batch size for several attention split lengths (cuda::SetAttentionMinSplitLen),
 //     printed under the format's row.
@@ -165,18 +166,20 @@ absl::StatusOr<double> Bf16GemmTflops() {
 // them): captured once, then either all on or back as captured. Autotuning rebuilds the
 // cuBLASLt plans when it changes.
 struct OptIns {
-  bool rope_kv, combine, act_quant, autotune, factored, blas_scaled;
+  bool rope_kv, combine, act_quant, autotune, factored, int_gemv, blas_scaled;
   static OptIns Current() {
     return {cuda::FusedRopeKvWriteEnabled(),      cuda::FusedSplitCombineEnabled(),
             cuda::FusedActQuantEnabled(),         cuda::BlasAutotuneEnabled(),
-            cuda::IntGemmFactoredScalesEnabled(), cuda::Fp8BlasScaledEnabled()};
+            cuda::IntGemmFactoredScalesEnabled(), cuda::IntGemv4Enabled(),
+            cuda::Fp8BlasScaledEnabled()};
   }
-  static OptIns AllOn() { return {true, true, true, true, true, true}; }
+  static OptIns AllOn() { return {true, true, true, true, true, true, true}; }
   absl::Status Apply(Backend& backend) const {
     cuda::SetFusedRopeKvWrite(rope_kv);
     cuda::SetFusedSplitCombine(combine);
     cuda::SetFusedActQuant(act_quant);
     cuda::SetIntGemmFactoredScales(factored);
+    cuda::SetIntGemv4(int_gemv);
     cuda::SetFp8BlasScaled(blas_scaled);
     if (cuda::BlasAutotuneEnabled() != autotune) {
       cuda::SetBlasAutotune(autotune);
@@ -195,18 +198,19 @@ struct FormatResult {
   // from graphs with the opt-in fused kernels on [2] (0: failed, see fast_error).
   std::map<int64_t, double> fast_tps[3];
   double linear_ms_no_pdl = 0;  // all decoder linears at M = 1 with QSHARD_CUDA_PDL=0
-  // All decoder linears with the format's opt-in linear kernel `alt_kernel` (cuBLASLt
-  // autotuned for dense formats, the factored-scale path for 4-bit, outer-vector-scaled
-  // cuBLASLt for fp8 W8A8 at M > 16; empty: none) against the default, at a few M.
+  // All decoder linears with the format's opt-in linear kernels (cuBLASLt
+  // autotuned for dense formats, the factored-scale GEMM and the decode GEMV for 4-bit,
+  // outer-vector-scaled cuBLASLt for fp8 W8A8 at M > 16; empty: none) against the default,
+  // at a few M.
   struct AltTiming {
+    std::string kernel;
     int64_t m;
     double base_ms, alt_ms;
   };
-  std::string alt_kernel;
   std::vector<AltTiming> alt;
   struct SweepPoint {
     int blocks_per_sm;
-    bool factored;  // the 4-bit factored-scale path
+    const char* path;  // "" (default), "factored" or "gemv" (4-bit)
     int64_t m;
     double ms;
   };
@@ -416,20 +420,24 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
     if (int_kernel || gemv8) {
       const int saved = int_kernel ? cuda::IntGemmBlocksPerSm() : cuda::Gemv8BlocksPerSm();
       const bool saved_factored = cuda::IntGemmFactoredScalesEnabled();
-      for (const bool factored : {false, true}) {
-        if (factored && !int4) break;
-        cuda::SetIntGemmFactoredScales(factored);
+      const bool saved_gemv = cuda::IntGemv4Enabled();
+      for (const char* path : {"", "factored", "gemv"}) {
+        if (*path != '\0' && !int4) break;
+        cuda::SetIntGemmFactoredScales(std::string(path) == "factored");
+        cuda::SetIntGemv4(std::string(path) == "gemv");
         for (int bps : {1, 2, 3, 4, 6, 8, 12}) {
           if (int_kernel) cuda::SetIntGemmBlocksPerSm(bps);
           if (gemv8) cuda::SetGemv8BlocksPerSm(bps);
           for (int64_t m : {1, 16, 64}) {
-            if (m > 16 && !int_kernel) continue;  // the GEMV serves M <= 16
+            // The GEMVs serve M <= 16; the 64-row GEMM tile M 17..64.
+            if (m > 16 && (!int_kernel || std::string(path) == "gemv")) continue;
             QSHARD_ASSIGN_OR_RETURN(const double ms, TimeLinears(*model, m));
-            r.sweep.push_back({bps, factored, m, ms});
+            r.sweep.push_back({bps, path, m, ms});
           }
         }
       }
       cuda::SetIntGemmFactoredScales(saved_factored);
+      cuda::SetIntGemv4(saved_gemv);
       if (int_kernel) cuda::SetIntGemmBlocksPerSm(saved);
       if (gemv8) cuda::SetGemv8BlocksPerSm(saved);
     }
@@ -446,11 +454,10 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
   // of `ms`; `reset` runs after every switch (cuBLASLt plans follow the autotune switch).
   auto time_alt = [&](const char* label, std::initializer_list<int64_t> ms, auto set, auto get,
                       auto reset) -> absl::Status {
-    r.alt_kernel = label;
     const bool saved = get();
     absl::Status st;
     for (int64_t m : ms) {
-      FormatResult::AltTiming t{m, 0, 0};
+      FormatResult::AltTiming t{label, m, 0, 0};
       for (const bool on : {false, true}) {
         set(on);
         st.Update(reset());
@@ -477,6 +484,9 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
     // The factored-scale path (4-bit checkpoints with integer zero points: all dummy ones).
     QSHARD_RETURN_IF_ERROR(time_alt("factored", {1, 16, 64}, cuda::SetIntGemmFactoredScales,
                                     cuda::IntGemmFactoredScalesEnabled, no_reset));
+    // The decode GEMV (M <= 16), which takes precedence over the factored GEMM.
+    QSHARD_RETURN_IF_ERROR(
+        time_alt("gemv", {1, 16}, cuda::SetIntGemv4, cuda::IntGemv4Enabled, no_reset));
   } else if (r.kernel.find("fp8-w8a8") != std::string::npos) {
     // cuBLASLt with outer-vector scales instead of fp32 accumulators + epilogue (M > 16).
     QSHARD_RETURN_IF_ERROR(time_alt("blas-scaled", {64, 512}, cuda::SetFp8BlasScaled,
@@ -769,8 +779,9 @@ int Main(int argc, char** argv) {
       const double g1 = g.count(batches.front()) ? g.at(batches.front()) : 0.0;
       std::printf(" %.0f%% | %.3f |", 100.0 * g1 / roof, r.linear_ms_no_pdl);
       if (!r.alt.empty()) {
-        std::printf(" %s:", r.alt_kernel.c_str());
-        for (const auto& t : r.alt) {
+        for (size_t i = 0; i < r.alt.size(); ++i) {
+          const auto& t = r.alt[i];
+          if (i == 0 || t.kernel != r.alt[i - 1].kernel) std::printf(" %s:", t.kernel.c_str());
           std::printf(" M=%lld %.3f -> %.3f (%.2fx)", static_cast<long long>(t.m), t.base_ms,
                       t.alt_ms, t.base_ms / t.alt_ms);
         }
@@ -782,10 +793,10 @@ int Main(int argc, char** argv) {
     std::printf("\n");
     for (size_t i = 0; i < r.sweep.size();) {  // one line per (path, blocks/SM target)
       const auto& first = r.sweep[i];
-      std::printf("  sweep %s%s: %d blocks/SM target: all linears", r.format.c_str(),
-                  first.factored ? " factored" : "", first.blocks_per_sm);
+      std::printf("  sweep %s%s%s: %d blocks/SM target: all linears", r.format.c_str(),
+                  *first.path != '\0' ? " " : "", first.path, first.blocks_per_sm);
       for (; i < r.sweep.size() && r.sweep[i].blocks_per_sm == first.blocks_per_sm &&
-             r.sweep[i].factored == first.factored;
+             r.sweep[i].path == first.path;
            ++i) {
         std::printf(" M=%lld %.3f ms", static_cast<long long>(r.sweep[i].m), r.sweep[i].ms);
       }

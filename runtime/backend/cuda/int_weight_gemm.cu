@@ -191,6 +191,103 @@ __device__ __forceinline__ void Dequant8(uint32_t word, uint2 sz, uint32_t& b0, 
   b1 = PackBf16x2(w[2], w[3]);
 }
 
+// The epilogue of both integer-weight kernels. A warp's accumulators acc[kMT][kNT] cover
+// rows row0 + mt * 16 + gid (+ 8) and columns col0 + j * 8 + 2 tig (+ 1) (C fragment layout);
+// the block's tile is kBM x kTileN at (tile_row0, tile_col0). One split (num_splits == 1):
+// direct stores. Split K: every split stores its partial tile into its own fp32 slice of
+// the workspace; the last split to finish this output tile (tile_counters[counter]) sums
+// the slices in split order into y and puts the counter back to zero, so no memset or
+// extra kernel is needed and the result does not depend on which block finished first
+// (fp32 atomics would make two runs of one step differ in the last bits). The fence before
+// the counter increment publishes this block's stores before it is counted; the last block
+// reads from L2. Called by all threads of the block.
+template <int kMT, int kNT, int kBM>
+__device__ __forceinline__ void StoreTile(const float (&acc)[kMT][kNT][4], int row0, int col0,
+                                          int tile_row0, int tile_col0, int m, int n,
+                                          void* __restrict__ y, int y_is_bf16, int vec_store,
+                                          float* __restrict__ workspace,
+                                          int* __restrict__ tile_counters, int split,
+                                          int num_splits, int counter) {
+  const int lane = threadIdx.x & 31;
+  if (num_splits == 1) {
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        const int col = col0 + j * 8 + (lane & 3) * 2;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = row0 + mt * 16 + (lane >> 2) + half * 8;
+          if (row >= m) continue;
+          const float v0 = acc[mt][j][half * 2];
+          const float v1 = acc[mt][j][half * 2 + 1];
+          const size_t off = static_cast<size_t>(row) * n + col;
+          if (y_is_bf16) {
+            bf16* yb = static_cast<bf16*>(y);
+            if (vec_store && col + 1 < n) {
+              *reinterpret_cast<__nv_bfloat162*>(yb + off) = __floats2bfloat162_rn(v0, v1);
+            } else {
+              if (col < n) yb[off] = __float2bfloat16_rn(v0);
+              if (col + 1 < n) yb[off + 1] = __float2bfloat16_rn(v1);
+            }
+          } else {
+            float* yf = static_cast<float*>(y);
+            if (vec_store && col + 1 < n) {
+              *reinterpret_cast<float2*>(yf + off) = make_float2(v0, v1);
+            } else {
+              if (col < n) yf[off] = v0;
+              if (col + 1 < n) yf[off + 1] = v1;
+            }
+          }
+        }
+      }
+    }
+    return;
+  }
+
+  const size_t slice = static_cast<size_t>(m) * n;
+  float* const mine = workspace + slice * split;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+      const int col = col0 + j * 8 + (lane & 3) * 2;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = row0 + mt * 16 + (lane >> 2) + half * 8;
+        if (row >= m) continue;
+        const size_t off = static_cast<size_t>(row) * n + col;
+        if (col < n) __stcg(mine + off, acc[mt][j][half * 2]);
+        if (col + 1 < n) __stcg(mine + off + 1, acc[mt][j][half * 2 + 1]);
+      }
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  __shared__ int is_last;
+  if (threadIdx.x == 0) {
+    const int prev = atomicAdd(tile_counters + counter, 1);
+    is_last = (prev == num_splits - 1) ? 1 : 0;
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < kBM * kTileN; i += blockDim.x) {
+    const int row = tile_row0 + i / kTileN;
+    const int col = tile_col0 + i % kTileN;
+    if (row >= m || col >= n) continue;
+    const size_t off = static_cast<size_t>(row) * n + col;
+    float v = 0.0f;
+    for (int z = 0; z < num_splits; ++z) v += __ldcg(workspace + slice * z + off);
+    if (y_is_bf16) {
+      static_cast<bf16*>(y)[off] = __float2bfloat16_rn(v);
+    } else {
+      static_cast<float*>(y)[off] = v;
+    }
+  }
+  if (threadIdx.x == 0) tile_counters[counter] = 0;
+}
+
 // One block computes a BM x 128 output tile over the K tiles
 // [blockIdx.z * ktiles_per_split, ...). grid = (N tiles, M tiles, K splits).
 // With more than one split (gridDim.z > 1), `workspace` holds fp32 partials
@@ -444,92 +541,174 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     if (cur_group >= 0) flush_group();
   }
 
-  // Epilogue: C fragment rows gid / gid + 8, columns 2*tig, 2*tig + 1.
-  if (gridDim.z == 1) {
-    // Direct stores.
+  StoreTile<kMT, kNT, kBM>(acc, m0 + warp_m * kMT * 16, ntile * kTileN + warp_n * kNT * 8, m0,
+                           ntile * kTileN, m, n, y, y_is_bf16, vec_store, workspace, tile_counters,
+                           blockIdx.z, gridDim.z, blockIdx.y * gridDim.x + ntile);
+}
+
+// ---- 4-bit decode GEMV (M <= 16, integer zero points; opt-in, SetIntGemv4) ----------------
+// The GEMM above stages every code tile through shared memory with cp.async and one
+// __syncthreads per 64-deep K tile, work that is not needed when each code byte is used by
+// one warp only: in the packed layout a slab's 64 x 16 codes of one K tile are 32 lanes x
+// 16 bytes, contiguous, and the K tiles of one N tile follow each other. So here warp w of
+// block (N tile, K split) streams slab w straight from global memory into registers
+// (kGemvLoads 16-byte loads in flight per lane, ld.global.nc without L1 allocation), with
+// x (16 rows, zero past m, the block's K range), the block's kinfo words and the scale rows
+// of the groups its K range touches (at most kGemvGroupRows, the host plans the split so)
+// staged once in shared memory. Arithmetic as the factored GEMM path: B = t = code - zero
+// exactly, fp32 group sums scaled by the group's fp32 scale; epilogue StoreTile.
+constexpr int kGemvLoads = 8;       // K tiles of codes in flight per lane
+constexpr int kGemvMaxTiles = 16;   // K tiles per split (x rows of 16 * 64 * 2 = 2 KiB)
+constexpr int kGemvGroupRows = 16;  // scale rows per split
+constexpr int kGemvXStride = kGemvMaxTiles * kTileK * 2 + 16;  // bytes per staged x row
+constexpr int kGemvSmemBytes =
+    16 * kGemvXStride + kGemvGroupRows * kTileN * 8 + kGemvMaxTiles * 4 * 4 + kGemvGroupRows * 4;
+
+__device__ __forceinline__ uint4 LoadCodes16(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+// grid = (N tiles, K splits), 256 threads; ktiles_per_split <= kGemvMaxTiles, and the K
+// range of every split touches at most kGemvGroupRows groups. Split-K scratch as the GEMM's.
+// Three blocks per SM (<= 85 registers, 3 x 49 KiB of shared memory): 24 warps, each
+// with kGemvLoads x 512 bytes of codes in flight.
+__global__ void __launch_bounds__(kThreads, 3)
+    IntGemv4Kernel(const bf16* __restrict__ x, const uint4* __restrict__ codes,
+                   const uint32_t* __restrict__ scale_zero, const int32_t* __restrict__ kinfo,
+                   int m, int k, int n, int n_padded, int ktiles_per_split, void* __restrict__ y,
+                   int y_is_bf16, int vec_store, float* __restrict__ workspace,
+                   int* __restrict__ tile_counters) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* const x_s = smem;                                            // [16][kGemvXStride]
+  uint2* const scale_s = reinterpret_cast<uint2*>(smem + 16 * kGemvXStride);  // [rows][128]
+  int* const info_s = reinterpret_cast<int*>(scale_s + kGemvGroupRows * kTileN);  // [tiles*4]
+  int* const group_s = info_s + kGemvMaxTiles * 4;  // group id of each staged scale row
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;  // = the slab of this N tile
+  const int ntile = blockIdx.x;
+  const int k_tiles = k / kTileK;
+  const int kt_begin = blockIdx.y * ktiles_per_split;
+  const int num_kt = min(k_tiles, kt_begin + ktiles_per_split) - kt_begin;
+  const int steps = num_kt * 4;
+  const uint4* const cp =
+      codes + (static_cast<size_t>(ntile) * k_tiles + kt_begin) * (kTileN * kTileK / 32) +
+      warp * 32 + lane;
+
+  // Before the previous kernel has finished (pdl.cuh): everything but x. This warp's first
+  // code loads go out at once; the block's kinfo words, then its scale rows, to shared memory.
+  uint4 cv[kGemvLoads];
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
+  for (int u = 0; u < kGemvLoads; ++u) {
+    cv[u] = u < num_kt ? LoadCodes16(cp + u * (kTileN * kTileK / 32)) : make_uint4(0, 0, 0, 0);
+  }
+  for (int i = tid; i < steps; i += kThreads) info_s[i] = __ldg(kinfo + kt_begin * 4 + i);
+  __syncthreads();
+  if (tid == 0) {  // the distinct groups of this K range, in order (<= kGemvGroupRows)
+    int rows = 0, last = -1;
+    for (int i = 0; i < steps; ++i) {
+      const int g = info_s[i] >> 2;
+      if (g != last && rows < kGemvGroupRows) group_s[rows++] = g;
+      last = g;
+    }
+    for (int r = rows; r < kGemvGroupRows; ++r) group_s[r] = -1;
+  }
+  __syncthreads();
+  for (int i = tid; i < kGemvGroupRows * (kTileN / 2); i += kThreads) {  // 16 B = 2 columns
+    const int r = i / (kTileN / 2);
+    const int c = (i % (kTileN / 2)) * 2;
+    const int g = group_s[r];
+    if (g < 0) continue;
+    *reinterpret_cast<uint4*>(scale_s + r * kTileN + c) = __ldg(reinterpret_cast<const uint4*>(
+        scale_zero + (static_cast<size_t>(g) * n_padded + ntile * kTileN + c) * 2));
+  }
+  PdlWait();
+  PdlLaunchDependents();
+  // x[0:16, K range] as bf16, rows past m zero.
+  {
+    const int chunks = num_kt * (kTileK / 8);  // 16-byte chunks per row
+    for (int i = tid; i < 16 * chunks; i += kThreads) {
+      const int r = i / chunks, c = i - r * chunks;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (r < m) {
+        v = *reinterpret_cast<const uint4*>(x + static_cast<size_t>(r) * k + kt_begin * kTileK +
+                                            c * 8);
+      }
+      *reinterpret_cast<uint4*>(x_s + r * kGemvXStride + c * 16) = v;
+    }
+  }
+  __syncthreads();
+
+  float acc[1][2][4] = {};
+  float gacc[2][4] = {};
+  float gscale[2][2] = {};
+  uint32_t gzero[2] = {0, 0};
+  int cur_group = -1, row = -1;
+  const int a_row = ((lane >> 3) & 1) * 8 + (lane & 7);  // ldmatrix row of this lane
+  const unsigned char* const a_base = x_s + a_row * kGemvXStride + (lane >> 4) * 16;
+  for (int t0 = 0; t0 < num_kt; t0 += kGemvLoads) {
+    if (t0 > 0) {
 #pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-        const int col = ntile * kTileN + warp_n * kNT * 8 + j * 8 + (lane & 3) * 2;
+      for (int u = 0; u < kGemvLoads; ++u) {
+        cv[u] = t0 + u < num_kt ? LoadCodes16(cp + (t0 + u) * (kTileN * kTileK / 32))
+                                : make_uint4(0, 0, 0, 0);
+      }
+    }
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int row = m0 + warp_m * kMT * 16 + mt * 16 + (lane >> 2) + half * 8;
-          if (row >= m) continue;
-          const float v0 = acc[mt][j][half * 2];
-          const float v1 = acc[mt][j][half * 2 + 1];
-          const size_t off = static_cast<size_t>(row) * n + col;
-          if (y_is_bf16) {
-            bf16* yb = static_cast<bf16*>(y);
-            if (vec_store && col + 1 < n) {
-              *reinterpret_cast<__nv_bfloat162*>(yb + off) = __floats2bfloat162_rn(v0, v1);
-            } else {
-              if (col < n) yb[off] = __float2bfloat16_rn(v0);
-              if (col + 1 < n) yb[off + 1] = __float2bfloat16_rn(v1);
+    for (int u = 0; u < kGemvLoads; ++u) {
+      const int tt = t0 + u;
+      if (tt >= num_kt) break;
+      const uint32_t words[4] = {cv[u].x, cv[u].y, cv[u].z, cv[u].w};
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const int group = info_s[tt * 4 + s] >> 2;  // the same for the whole block
+        if (group != cur_group) {
+          if (cur_group >= 0) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                acc[0][j][e] = fmaf(gacc[j][e], gscale[j][e & 1], acc[0][j][e]);
+                gacc[j][e] = 0.0f;
+              }
             }
-          } else {
-            float* yf = static_cast<float*>(y);
-            if (vec_store && col + 1 < n) {
-              *reinterpret_cast<float2*>(yf + off) = make_float2(v0, v1);
-            } else {
-              if (col < n) yf[off] = v0;
-              if (col + 1 < n) yf[off + 1] = v1;
+          }
+          cur_group = group;
+          row = min(row + 1, kGemvGroupRows - 1);  // the host's plan keeps row in range
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const uint2* srow = scale_s + row * kTileN + warp * 16 + j * 8;
+            gzero[j] = __byte_perm(srow[lane >> 2].y, 0u, 0x3232);
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const __nv_bfloat162 sc = AsBf162(srow[(lane & 3) * 2 + e].x);
+              gscale[j][e] = __low2float(sc) + __high2float(sc);
             }
           }
         }
-      }
-    }
-    return;
-  }
-
-  // Split K: every split stores its partial tile into its own fp32 slice of the workspace;
-  // the last split to finish this output tile (a per-tile counter) sums the slices in split
-  // order into y and puts the counter back to zero, so no memset or extra kernel is needed
-  // and the result does not depend on which block finished first (fp32 atomics would make
-  // two runs of one step differ in the last bits). The fence before the counter increment
-  // publishes this block's stores before it is counted; the last block reads from L2.
-  const size_t slice = static_cast<size_t>(m) * n;
-  float* const mine = workspace + slice * blockIdx.z;
+        uint32_t a[4];
+        LdMatrixX4(a, a_base + (tt * kTileK + s * 16) * 2);
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-      const int col = ntile * kTileN + warp_n * kNT * 8 + j * 8 + (lane & 3) * 2;
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = m0 + warp_m * kMT * 16 + mt * 16 + (lane >> 2) + half * 8;
-        if (row >= m) continue;
-        const size_t off = static_cast<size_t>(row) * n + col;
-        if (col < n) __stcg(mine + off, acc[mt][j][half * 2]);
-        if (col + 1 < n) __stcg(mine + off + 1, acc[mt][j][half * 2 + 1]);
+        for (int j = 0; j < 2; ++j) {
+          uint32_t b0, b1;
+          CodesMinusZero4(words[s], j, gzero[j], b0, b1);
+          MmaBf16(gacc[j], a, b0, b1);
+        }
       }
     }
   }
-  __threadfence();
-  __syncthreads();
-  __shared__ int is_last;
-  const int counter = blockIdx.y * gridDim.x + ntile;
-  if (tid == 0) {
-    const int prev = atomicAdd(tile_counters + counter, 1);
-    is_last = (prev == static_cast<int>(gridDim.z) - 1) ? 1 : 0;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[0][j][e] = fmaf(gacc[j][e], gscale[j][e & 1], acc[0][j][e]);
   }
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  for (int i = tid; i < kBM * kTileN; i += kThreads) {
-    const int row = m0 + i / kTileN;
-    const int col = ntile * kTileN + i % kTileN;
-    if (row >= m || col >= n) continue;
-    const size_t off = static_cast<size_t>(row) * n + col;
-    float v = 0.0f;
-    for (int z = 0; z < static_cast<int>(gridDim.z); ++z) v += __ldcg(workspace + slice * z + off);
-    if (y_is_bf16) {
-      static_cast<bf16*>(y)[off] = __float2bfloat16_rn(v);
-    } else {
-      static_cast<float*>(y)[off] = v;
-    }
-  }
-  if (tid == 0) tile_counters[counter] = 0;
+  StoreTile<1, 2, 16>(acc, 0, ntile * kTileN + warp * 16, 0, ntile * kTileN, m, n, y, y_is_bf16,
+                      vec_store, workspace, tile_counters, blockIdx.y, gridDim.y, ntile);
 }
 
 // out[r, p] = x[r, perm[p]] (act-order: inputs in sorted-group order).
@@ -622,7 +801,14 @@ EnvFlag& FactoredScalesFlag() {
   static EnvFlag flag("QSHARD_CUDA_INT_FACTORED", /*default_on=*/false);
   return flag;
 }
+EnvFlag& Gemv4Flag() {
+  static EnvFlag flag("QSHARD_CUDA_INT_GEMV", /*default_on=*/false);
+  return flag;
+}
 }  // namespace
+
+void SetIntGemv4(bool on) { Gemv4Flag().Set(on); }
+bool IntGemv4Enabled() { return Gemv4Flag().Get(); }
 
 void SetIntGemmFactoredScales(bool on) { FactoredScalesFlag().Set(on); }
 bool IntGemmFactoredScalesEnabled() { return FactoredScalesFlag().Get(); }
@@ -647,6 +833,10 @@ absl::StatusOr<std::unique_ptr<IntWeightGemm>> IntWeightGemm::Create(const IntQu
   g->group_size_ = packed.group_size;
   g->act_order_ = packed.act_order;
   g->integer_zero_points_ = packed.integer_zero_points;
+  g->step_groups_.resize(packed.kblock_info.size());
+  for (size_t i = 0; i < packed.kblock_info.size(); ++i) {
+    g->step_groups_[i] = packed.kblock_info[i] >> 2;
+  }
 
   int device = 0;
   QSHARD_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
@@ -673,6 +863,8 @@ absl::StatusOr<std::unique_ptr<IntWeightGemm>> IntWeightGemm::Create(const IntQu
     QSHARD_RETURN_IF_ERROR((AllowSmem<4, SmallShape, true>()));
     QSHARD_RETURN_IF_ERROR((AllowSmem<4, MediumShape>()));
     QSHARD_RETURN_IF_ERROR((AllowSmem<4, MediumShape, true>()));
+    QSHARD_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(
+        IntGemv4Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvSmemBytes));
     QSHARD_RETURN_IF_ERROR((AllowSmem<4, LargeShape>()));
   } else {
     QSHARD_RETURN_IF_ERROR((AllowSmem<8, SmallShape>()));
@@ -714,6 +906,8 @@ absl::Status IntWeightGemm::Run(const void* x, int64_t m, void* y, DType y_dtype
     QSHARD_CUDA_RETURN_IF_LAUNCH_ERROR();
     xin = gather_.as<bf16>();
   }
+
+  if (UsesGemv4(m)) return RunGemv4(xin, m, y, y_dtype, stream);
 
   const bool small = m <= kSmallMaxM;
   const bool medium = !small && m <= kMediumMaxM;
@@ -780,6 +974,65 @@ absl::Status IntWeightGemm::Run(const void* x, int64_t m, void* y, DType y_dtype
     return LaunchGemm<8, LargeShape>(a, grid, stream);
   };
   QSHARD_RETURN_IF_ERROR(launch());
+  return absl::OkStatus();
+}
+
+bool IntWeightGemm::UsesGemv4(int64_t m) const {
+  return bits_ == 4 && integer_zero_points_ && m <= kSmallMaxM && IntGemv4Enabled();
+}
+
+int64_t IntWeightGemm::Gemv4TilesPerSplit() {
+  const int bps = IntGemmBlocksPerSm();
+  if (bps == gemv_plan_bps_) return gemv_tiles_per_split_;
+  const int64_t n_tiles = n_padded_ / kTileN;
+  const int64_t k_tiles = k_ / kTileK;
+  // As the GEMM: aim for IntGemmBlocksPerSm() blocks per SM, at most kGemvMaxTiles K tiles
+  // (the staged x) per split.
+  const int64_t target = bps * static_cast<int64_t>(std::max(multiprocessors_, 1));
+  const int64_t splits = std::clamp<int64_t>(
+      (target + n_tiles - 1) / n_tiles, (k_tiles + kGemvMaxTiles - 1) / kGemvMaxTiles, k_tiles);
+  int64_t per = (k_tiles + splits - 1) / splits;
+  // ... and at most kGemvGroupRows groups in any split's K range (the staged scale rows; one
+  // K tile spans at most 4 groups, so this ends).
+  auto max_groups = [&](int64_t tiles) {
+    int64_t worst = 0;
+    for (int64_t first = 0; first < k_tiles; first += tiles) {
+      const int64_t end = std::min(k_tiles, first + tiles) * 4;
+      int64_t groups = 0;
+      for (int64_t st = first * 4; st < end; ++st) {
+        groups += (st == first * 4 || step_groups_[st] != step_groups_[st - 1]) ? 1 : 0;
+      }
+      worst = std::max(worst, groups);
+    }
+    return worst;
+  };
+  while (per > 1 && max_groups(per) > kGemvGroupRows) per = (per + 1) / 2;
+  gemv_plan_bps_ = bps;
+  gemv_tiles_per_split_ = per;
+  return per;
+}
+
+absl::Status IntWeightGemm::RunGemv4(const void* x, int64_t m, void* y, DType y_dtype,
+                                     cudaStream_t stream) {
+  const int64_t n_tiles = n_padded_ / kTileN;
+  const int64_t k_tiles = k_ / kTileK;
+  const int64_t per = Gemv4TilesPerSplit();
+  const int64_t splits = (k_tiles + per - 1) / per;
+  float* workspace = nullptr;
+  int* counters = nullptr;
+  if (splits > 1) {
+    QSHARD_ASSIGN_OR_RETURN(const Quant8Scratch s,
+                            GetQuant8Scratch(0, 0, 0, splits * m * n_, n_tiles, stream));
+    workspace = static_cast<float*>(s.partials);
+    counters = s.counters;
+  }
+  const int vec_store = (n_ % 2 == 0 && reinterpret_cast<uintptr_t>(y) % 8 == 0) ? 1 : 0;
+  QSHARD_CUDA_RETURN_IF_ERROR(LaunchPdl(
+      IntGemv4Kernel, dim3(static_cast<unsigned>(n_tiles), static_cast<unsigned>(splits)),
+      dim3(kThreads), kGemvSmemBytes, stream, static_cast<const bf16*>(x), codes_.as<uint4>(),
+      scale_zero_.as<uint32_t>(), kblock_info_.as<int32_t>(), static_cast<int>(m),
+      static_cast<int>(k_), static_cast<int>(n_), static_cast<int>(n_padded_),
+      static_cast<int>(per), y, y_dtype == DType::kBF16 ? 1 : 0, vec_store, workspace, counters));
   return absl::OkStatus();
 }
 

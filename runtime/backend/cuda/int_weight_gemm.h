@@ -139,6 +139,16 @@ int IntGemmBlocksPerSm();
 void SetIntGemmFactoredScales(bool on);
 bool IntGemmFactoredScalesEnabled();
 
+// Decode GEMV path (process-wide; QSHARD_CUDA_INT_GEMV=1 turns it on at start, off by
+// default until a GPU run has measured it): for 4-bit weights with integer zero points and
+// M <= 16, a kernel without the GEMM's shared-memory pipeline: each warp streams its 16
+// output columns' packed codes straight from global memory into registers (8 K tiles in
+// flight per lane; the packed layout makes them 512 contiguous bytes per warp and tile),
+// with x, the group ids and the scale rows of the block's K range staged once; arithmetic
+// of the factored-scale path. Takes precedence over it where both apply.
+void SetIntGemv4(bool on);
+bool IntGemv4Enabled();
+
 class IntWeightGemm {
  public:
   // Validates and repacks `m` on the host, uploads it synchronously on `stream`.
@@ -156,8 +166,10 @@ class IntWeightGemm {
   // different streams.
   absl::Status Run(const void* x, int64_t m, void* y, DType y_dtype, cudaStream_t stream);
 
-  // Whether Run(x, m, ...) takes the factored-scale path (see SetIntGemmFactoredScales).
+  // Whether Run(x, m, ...) takes the factored-scale GEMM path (SetIntGemmFactoredScales) or
+  // the decode GEMV (SetIntGemv4; this one wins where both apply).
   bool UsesFactoredScales(int64_t m) const;
+  bool UsesGemv4(int64_t m) const;
 
   int64_t weight_bytes() const;     // device bytes of codes + scales/zeros + tables + perm
   std::string kernel_name() const;  // e.g. "cuda-marlin-w4-g128", "cuda-marlin-w4-g128-actorder"
@@ -167,6 +179,9 @@ class IntWeightGemm {
  private:
   IntWeightGemm() = default;
   absl::Status EnsureScratch(DeviceBuffer& buf, size_t bytes, cudaStream_t stream);
+  absl::Status RunGemv4(const void* x, int64_t m, void* y, DType y_dtype, cudaStream_t stream);
+  // K tiles per split of the GEMV for the current IntGemmBlocksPerSm() (cached).
+  int64_t Gemv4TilesPerSplit();
 
   int bits_ = 4;
   int64_t k_ = 0;
@@ -175,6 +190,9 @@ class IntWeightGemm {
   int64_t group_size_ = 0;
   bool act_order_ = false;
   bool integer_zero_points_ = false;
+  std::vector<int32_t> step_groups_;  // group of each k16 step (sorted inputs), host copy
+  int gemv_plan_bps_ = -1;            // IntGemmBlocksPerSm() the cached GEMV plan is for
+  int64_t gemv_tiles_per_split_ = 0;
   int multiprocessors_ = 0;
   DeviceBuffer codes_;
   DeviceBuffer scale_zero_;

@@ -522,6 +522,7 @@ TEST(CudaOpsArgsTest, OptInSwitches) {
     bool (*get)();
   };
   const Switch switches[] = {{SetIntGemmFactoredScales, IntGemmFactoredScalesEnabled},
+                             {SetIntGemv4, IntGemv4Enabled},
                              {SetFp8BlasScaled, Fp8BlasScaledEnabled},
                              {SetFusedActQuant, FusedActQuantEnabled}};
   for (const Switch& sw : switches) {

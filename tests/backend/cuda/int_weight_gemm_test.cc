@@ -462,30 +462,35 @@ TEST_F(IntWeightGemmTest, MatchesReferenceAcrossShapesGroupsAndBits) {
   }
 }
 
-// Puts the process-wide factored-scale switch back when a test ends.
+// Puts the process-wide factored-scale and GEMV switches back when a test ends.
 struct FactoredScalesRestore {
-  bool saved = IntGemmFactoredScalesEnabled();
-  ~FactoredScalesRestore() { SetIntGemmFactoredScales(saved); }
+  bool factored = IntGemmFactoredScalesEnabled();
+  bool gemv = IntGemv4Enabled();
+  ~FactoredScalesRestore() {
+    SetIntGemmFactoredScales(factored);
+    SetIntGemv4(gemv);
+  }
 };
 
-// The factored-scale path (SetIntGemmFactoredScales): 4-bit with integer zero points at
-// M <= 64. It keeps no bf16 weight rounding: x (bf16) times the exact t = code - zero is
-// exact in fp32, accumulated in fp32 per group, times the group's scale (s_hi + s_lo, within
-// 2^-17 of the fp32 scale). So with fp32 output its normwise error is bounded by 1e-4, ten
-// times below what the bf16-weight path reaches (1.4e-3..2.5e-3): passing that bound shows
-// the factored kernel ran; bf16 output keeps the general bound (its rounding dominates).
-// Matrices the path may not take (float zeros, 8-bit, M > 64) take the default kernel and
+// The factored-scale arithmetic (SetIntGemmFactoredScales: the GEMM at M <= 64;
+// SetIntGemv4: the decode GEMV at M <= 16), for 4-bit weights with integer zero points. It
+// keeps no bf16 weight rounding: x (bf16) times the exact t = code - zero is exact in fp32,
+// accumulated in fp32 per group, times the group's scale (s_hi + s_lo, within 2^-17 of the
+// fp32 scale). So with fp32 output its normwise error is bounded by 1e-4, ten times below
+// what the bf16-weight path reaches (1.4e-3..2.5e-3): passing that bound shows the path
+// ran; bf16 output keeps the general bound (its rounding dominates). Matrices or M the
+// path may not take (float zeros, 8-bit, M above its limit) take the default kernel and
 // meet the general bounds.
-TEST_F(IntWeightGemmTest, FactoredScalesMatchReference) {
-  FactoredScalesRestore restore;
-  SetIntGemmFactoredScales(true);
+void CheckFactoredPath(bool gemv, cudaStream_t stream) {
+  const int64_t max_m = gemv ? 16 : 64;
   std::vector<GemmCase> cases;
   for (int64_t m : {1, 2, 8, 16, 17, 64}) {
     cases.push_back({m, 256, 512, 4, 128, false, ZeroKind::kRandomInt, DType::kF32});
   }
-  // Group boundaries inside a K tile (32), across tiles (128, 48 with uneven steps), one
+  // Group boundaries inside a K tile (32, 16), across tiles (128, 48 with uneven steps), one
   // group over all of K, act-order (a new group at any step), N not a multiple of 128,
-  // enough N that K is not split, symmetric zeros, bf16 output.
+  // enough N that K is not split, symmetric zeros, bf16 output; group size 16 over a long K
+  // (more groups than the GEMV stages per split: its plan must split K finer).
   cases.push_back({1, 384, 256, 4, 32, false, ZeroKind::kRandomInt, DType::kF32});
   cases.push_back({3, 256, 768, 4, 48, false, ZeroKind::kRandomInt, DType::kF32});
   cases.push_back({5, 256, 1024, 4, -1, false, ZeroKind::kSymmetric, DType::kF32});
@@ -494,29 +499,60 @@ TEST_F(IntWeightGemmTest, FactoredScalesMatchReference) {
   cases.push_back({3, 999, 256, 4, 64, false, ZeroKind::kRandomInt, DType::kF32});
   cases.push_back({64, 8500, 256, 4, 128, false, ZeroKind::kRandomInt, DType::kF32});
   cases.push_back({1, 4096, 4096, 4, 128, false, ZeroKind::kSymmetric, DType::kF32});
+  cases.push_back({2, 256, 2048, 4, 16, false, ZeroKind::kRandomInt, DType::kF32});
+  cases.push_back({1, 128, 4096, 4, 16, true, ZeroKind::kRandomInt, DType::kF32});
   cases.push_back({7, 1000, 512, 4, 128, false, ZeroKind::kRandomInt, DType::kBF16});
   const size_t eligible = cases.size();
-  // Not eligible: the default kernel, general bounds.
+  // Never eligible.
   cases.push_back({3, 256, 512, 4, 128, false, ZeroKind::kFloat, DType::kF32});
   cases.push_back({3, 384, 1024, 8, 64, false, ZeroKind::kRandomInt, DType::kF32});
   cases.push_back({65, 256, 512, 4, 128, false, ZeroKind::kRandomInt, DType::kF32});
-  uint32_t seed = 500;
+  uint32_t seed = gemv ? 900 : 500;
   for (size_t i = 0; i < cases.size(); ++i) {
     const GemmCase& c = cases[i];
-    const bool factored = i < eligible;
+    const bool expected = i < eligible && c.m <= max_m;
     const IntQuantMatrix w = MakeMatrix(c.n, c.k, c.bits, c.group_size, c.act_order, c.zeros, seed);
-    auto g = IntWeightGemm::Create(w, stream_.get());
+    auto g = IntWeightGemm::Create(w, stream);
     ASSERT_TRUE(g.ok()) << g.status();
-    EXPECT_EQ((*g)->UsesFactoredScales(c.m), factored) << CaseName(c);
-    RunCase(c, seed, stream_.get(), 2, factored && c.y_dtype == DType::kF32 ? 1e-4 : 1e-2);
+    EXPECT_EQ(gemv ? (*g)->UsesGemv4(c.m) : (*g)->UsesFactoredScales(c.m), expected) << CaseName(c);
+    RunCase(c, seed, stream, 2, expected && c.y_dtype == DType::kF32 ? 1e-4 : 1e-2);
     seed += 7;
-    if (HasFatalFailure()) return;
+    if (::testing::Test::HasFatalFailure()) return;
   }
+}
+
+TEST_F(IntWeightGemmTest, FactoredScalesMatchReference) {
+  FactoredScalesRestore restore;
+  SetIntGemv4(false);
+  SetIntGemmFactoredScales(true);
+  CheckFactoredPath(/*gemv=*/false, stream_.get());
+  if (HasFatalFailure()) return;
   SetIntGemmFactoredScales(false);
   const IntQuantMatrix w = MakeMatrix(256, 512, 4, 128, false, ZeroKind::kRandomInt, 1);
   auto g = IntWeightGemm::Create(w, stream_.get());
   ASSERT_TRUE(g.ok()) << g.status();
   EXPECT_FALSE((*g)->UsesFactoredScales(1)) << "switched off";
+}
+
+TEST_F(IntWeightGemmTest, Gemv4MatchesReference) {
+  FactoredScalesRestore restore;
+  SetIntGemmFactoredScales(false);
+  SetIntGemv4(true);
+  CheckFactoredPath(/*gemv=*/true, stream_.get());
+  if (HasFatalFailure()) return;
+  // Other split targets give other K splits (and group-row plans); the same bound.
+  const int saved = IntGemmBlocksPerSm();
+  for (int bps : {1, 3, 12}) {
+    SetIntGemmBlocksPerSm(bps);
+    RunCase({1, 1024, 4096, 4, 64, false, ZeroKind::kRandomInt, DType::kF32}, 40 + bps,
+            stream_.get(), 2, 1e-4);
+  }
+  SetIntGemmBlocksPerSm(saved);
+  SetIntGemv4(false);
+  const IntQuantMatrix w = MakeMatrix(256, 512, 4, 128, false, ZeroKind::kRandomInt, 1);
+  auto g = IntWeightGemm::Create(w, stream_.get());
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_FALSE((*g)->UsesGemv4(1)) << "switched off";
 }
 
 TEST_F(IntWeightGemmTest, CreateRejectsBadShapes) {
@@ -560,9 +596,11 @@ TEST_F(IntWeightGemmTest, BenchLlama8BShapes) {
       ASSERT_TRUE(xbuf.ok() && ybuf.ok());
       QSHARD_ASSERT_OK(xbuf->Fill(0x3F, stream_.get()));  // bf16 0x3F3F ~ 0.75
       for (int64_t m : ms) {
-        for (const bool factored : {false, true}) {
-          SetIntGemmFactoredScales(factored);
-          if (factored && !(*g)->UsesFactoredScales(m)) continue;
+        for (int path = 0; path < 3; ++path) {  // default, factored GEMM, GEMV
+          SetIntGemmFactoredScales(path == 1);
+          SetIntGemv4(path == 2);
+          if (path == 1 && !(*g)->UsesFactoredScales(m)) continue;
+          if (path == 2 && !(*g)->UsesGemv4(m)) continue;
           for (int i = 0; i < 3; ++i) {
             QSHARD_ASSERT_OK((*g)->Run(xbuf->get(), m, ybuf->get(), DType::kBF16, stream_.get()));
           }
@@ -586,8 +624,11 @@ TEST_F(IntWeightGemmTest, BenchLlama8BShapes) {
               "  w%d N=%-6lld K=%-6lld M=%-5lld %-9s %8.1f us  weights %.2f TB/s  %.1f "
               "TFLOP/s\n",
               bits, static_cast<long long>(s.n), static_cast<long long>(s.k),
-              static_cast<long long>(m), factored ? "factored" : "default", sec * 1e6,
-              bytes / sec / 1e12, 2.0 * m * s.n * s.k / sec / 1e12);
+              static_cast<long long>(m),
+              path == 0   ? "default"
+              : path == 1 ? "factored"
+                          : "gemv",
+              sec * 1e6, bytes / sec / 1e12, 2.0 * m * s.n * s.k / sec / 1e12);
         }
       }
     }
