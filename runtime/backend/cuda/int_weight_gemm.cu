@@ -651,54 +651,51 @@ __global__ void __launch_bounds__(kThreads, 3)
   int cur_group = -1, row = -1;
   const int a_row = ((lane >> 3) & 1) * 8 + (lane & 7);  // ldmatrix row of this lane
   const unsigned char* const a_base = x_s + a_row * kGemvXStride + (lane >> 4) * 16;
-  for (int t0 = 0; t0 < num_kt; t0 += kGemvLoads) {
-    if (t0 > 0) {
+  // A ring of kGemvLoads code vectors: tile tt's slot is refilled with tile tt + kGemvLoads
+  // as soon as tt's words are out of it, so kGemvLoads loads stay in flight to the end
+  // (the loop is unrolled over the at most kGemvMaxTiles tiles: slots are registers).
 #pragma unroll
-      for (int u = 0; u < kGemvLoads; ++u) {
-        cv[u] = t0 + u < num_kt ? LoadCodes16(cp + (t0 + u) * (kTileN * kTileK / 32))
-                                : make_uint4(0, 0, 0, 0);
-      }
+  for (int tt = 0; tt < kGemvMaxTiles; ++tt) {
+    if (tt >= num_kt) break;
+    const uint4 c = cv[tt % kGemvLoads];
+    if (tt + kGemvLoads < num_kt) {
+      cv[tt % kGemvLoads] = LoadCodes16(cp + (tt + kGemvLoads) * (kTileN * kTileK / 32));
     }
+    const uint32_t words[4] = {c.x, c.y, c.z, c.w};
 #pragma unroll
-    for (int u = 0; u < kGemvLoads; ++u) {
-      const int tt = t0 + u;
-      if (tt >= num_kt) break;
-      const uint32_t words[4] = {cv[u].x, cv[u].y, cv[u].z, cv[u].w};
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        const int group = info_s[tt * 4 + s] >> 2;  // the same for the whole block
-        if (group != cur_group) {
-          if (cur_group >= 0) {
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                acc[0][j][e] = fmaf(gacc[j][e], gscale[j][e & 1], acc[0][j][e]);
-                gacc[j][e] = 0.0f;
-              }
-            }
-          }
-          cur_group = group;
-          row = min(row + 1, kGemvGroupRows - 1);  // the host's plan keeps row in range
+    for (int s = 0; s < 4; ++s) {
+      const int group = info_s[tt * 4 + s] >> 2;  // the same for the whole block
+      if (group != cur_group) {
+        if (cur_group >= 0) {
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            const uint2* srow = scale_s + row * kTileN + warp * 16 + j * 8;
-            gzero[j] = __byte_perm(srow[lane >> 2].y, 0u, 0x3232);
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const __nv_bfloat162 sc = AsBf162(srow[(lane & 3) * 2 + e].x);
-              gscale[j][e] = __low2float(sc) + __high2float(sc);
+            for (int e = 0; e < 4; ++e) {
+              acc[0][j][e] = fmaf(gacc[j][e], gscale[j][e & 1], acc[0][j][e]);
+              gacc[j][e] = 0.0f;
             }
           }
         }
-        uint32_t a[4];
-        LdMatrixX4(a, a_base + (tt * kTileK + s * 16) * 2);
+        cur_group = group;
+        row = min(row + 1, kGemvGroupRows - 1);  // the host's plan keeps row in range
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          uint32_t b0, b1;
-          CodesMinusZero4(words[s], j, gzero[j], b0, b1);
-          MmaBf16(gacc[j], a, b0, b1);
+          const uint2* srow = scale_s + row * kTileN + warp * 16 + j * 8;
+          gzero[j] = __byte_perm(srow[lane >> 2].y, 0u, 0x3232);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const __nv_bfloat162 sc = AsBf162(srow[(lane & 3) * 2 + e].x);
+            gscale[j][e] = __low2float(sc) + __high2float(sc);
+          }
         }
+      }
+      uint32_t a[4];
+      LdMatrixX4(a, a_base + (tt * kTileK + s * 16) * 2);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        uint32_t b0, b1;
+        CodesMinusZero4(words[s], j, gzero[j], b0, b1);
+        MmaBf16(gacc[j], a, b0, b1);
       }
     }
   }
