@@ -558,8 +558,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 // staged once in shared memory. Arithmetic as the factored GEMM path: B = t = code - zero
 // exactly, fp32 group sums scaled by the group's fp32 scale; epilogue StoreTile.
 constexpr int kGemvLoads = 8;       // K tiles of codes in flight per lane
-constexpr int kGemvMaxTiles = 16;   // K tiles per split (x rows of 16 * 64 * 2 = 2 KiB)
-constexpr int kGemvGroupRows = 16;  // scale rows per split
+constexpr int kGemvMaxTiles = kIntGemv4MaxTiles;    // K tiles per split (x rows of 2 KiB)
+constexpr int kGemvGroupRows = kIntGemv4GroupRows;  // scale rows per split
 constexpr int kGemvXStride = kGemvMaxTiles * kTileK * 2 + 16;  // bytes per staged x row
 constexpr int kGemvSmemBytes =
     16 * kGemvXStride + kGemvGroupRows * kTileN * 8 + kGemvMaxTiles * 4 * 4 + kGemvGroupRows * 4;
@@ -981,32 +981,10 @@ bool IntWeightGemm::UsesGemv4(int64_t m) const {
 int64_t IntWeightGemm::Gemv4TilesPerSplit() {
   const int bps = IntGemmBlocksPerSm();
   if (bps == gemv_plan_bps_) return gemv_tiles_per_split_;
-  const int64_t n_tiles = n_padded_ / kTileN;
-  const int64_t k_tiles = k_ / kTileK;
-  // As the GEMM: aim for IntGemmBlocksPerSm() blocks per SM, at most kGemvMaxTiles K tiles
-  // (the staged x) per split.
-  const int64_t target = bps * static_cast<int64_t>(std::max(multiprocessors_, 1));
-  const int64_t splits = std::clamp<int64_t>(
-      (target + n_tiles - 1) / n_tiles, (k_tiles + kGemvMaxTiles - 1) / kGemvMaxTiles, k_tiles);
-  int64_t per = (k_tiles + splits - 1) / splits;
-  // ... and at most kGemvGroupRows groups in any split's K range (the staged scale rows; one
-  // K tile spans at most 4 groups, so this ends).
-  auto max_groups = [&](int64_t tiles) {
-    int64_t worst = 0;
-    for (int64_t first = 0; first < k_tiles; first += tiles) {
-      const int64_t end = std::min(k_tiles, first + tiles) * 4;
-      int64_t groups = 0;
-      for (int64_t st = first * 4; st < end; ++st) {
-        groups += (st == first * 4 || step_groups_[st] != step_groups_[st - 1]) ? 1 : 0;
-      }
-      worst = std::max(worst, groups);
-    }
-    return worst;
-  };
-  while (per > 1 && max_groups(per) > kGemvGroupRows) per = (per + 1) / 2;
+  gemv_tiles_per_split_ =
+      PlanIntGemv4TilesPerSplit(step_groups_, n_padded_ / kTileN, multiprocessors_, bps);
   gemv_plan_bps_ = bps;
-  gemv_tiles_per_split_ = per;
-  return per;
+  return gemv_tiles_per_split_;
 }
 
 absl::Status IntWeightGemm::RunGemv4(const void* x, int64_t m, void* y, DType y_dtype,

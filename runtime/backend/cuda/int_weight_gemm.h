@@ -123,6 +123,16 @@ PackedCodeIndex PackedCodeLocation(int64_t n, int64_t p, int64_t k, int bits);
 // The code stored for (n, sorted position p); the inverse of the repack (for tests).
 uint32_t PackedCodeAt(const PackedIntWeights& packed, int64_t n, int64_t p);
 
+// The K split of the 4-bit decode GEMV (SetIntGemv4), pure host code: K tiles per split
+// for a matrix of n_tiles N tiles whose k16 steps (sorted inputs) belong to step_groups
+// (size k / 16), aiming at blocks_per_sm blocks per SM on `sms` SMs, with at most
+// kIntGemv4MaxTiles K tiles (the staged x) and kIntGemv4GroupRows groups (the staged scale
+// rows) in any split's range. Every split but the last has exactly that many tiles.
+inline constexpr int kIntGemv4MaxTiles = 16;
+inline constexpr int kIntGemv4GroupRows = 16;
+int64_t PlanIntGemv4TilesPerSplit(const std::vector<int32_t>& step_groups, int64_t n_tiles, int sms,
+                                  int blocks_per_sm);
+
 // The blocks per SM the K split aims for when the output tiles alone are fewer (default 8;
 // process-wide, for benchmark sweeps).
 void SetIntGemmBlocksPerSm(int blocks);

@@ -202,4 +202,32 @@ absl::StatusOr<PackedIntWeights> PackIntWeights(const IntQuantMatrix& m) {
   return out;
 }
 
+int64_t PlanIntGemv4TilesPerSplit(const std::vector<int32_t>& step_groups, int64_t n_tiles, int sms,
+                                  int blocks_per_sm) {
+  const int64_t k_tiles = static_cast<int64_t>(step_groups.size()) / 4;
+  if (k_tiles <= 0 || n_tiles <= 0) return 1;
+  // As the GEMM: aim for blocks_per_sm blocks per SM, at most kIntGemv4MaxTiles per split.
+  const int64_t target = std::max(blocks_per_sm, 1) * static_cast<int64_t>(std::max(sms, 1));
+  const int64_t splits =
+      std::clamp<int64_t>((target + n_tiles - 1) / n_tiles,
+                          (k_tiles + kIntGemv4MaxTiles - 1) / kIntGemv4MaxTiles, k_tiles);
+  int64_t per = (k_tiles + splits - 1) / splits;
+  // ... and at most kIntGemv4GroupRows groups in any split's range (one K tile spans at
+  // most 4 groups, so the halving ends).
+  auto max_groups = [&](int64_t tiles) {
+    int64_t worst = 0;
+    for (int64_t first = 0; first < k_tiles; first += tiles) {
+      const int64_t end = std::min(k_tiles, first + tiles) * 4;
+      int64_t groups = 0;
+      for (int64_t st = first * 4; st < end; ++st) {
+        groups += (st == first * 4 || step_groups[st] != step_groups[st - 1]) ? 1 : 0;
+      }
+      worst = std::max(worst, groups);
+    }
+    return worst;
+  };
+  while (per > 1 && max_groups(per) > kIntGemv4GroupRows) per = (per + 1) / 2;
+  return per;
+}
+
 }  // namespace qshard::cuda

@@ -34,6 +34,7 @@
 #include <memory>
 #include <numeric>
 #include <random>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -236,6 +237,61 @@ TEST(IntWeightPackTest, IntegerZeroPointsFlag) {
   IntQuantMatrix clamped = MakeMatrix(256, 256, 4, 64, false, ZeroKind::kRandomInt, 6);
   clamped.zeros[5] = 17.0f;
   EXPECT_FALSE(packed(clamped));
+}
+
+// The GEMV's K split: every split's range within the staged limits (tiles, groups), the
+// splits covering K, and as many blocks as the target asks for when those limits allow.
+TEST(IntWeightPackTest, Gemv4SplitPlanKeepsStagingLimits) {
+  struct PlanCase {
+    int64_t k, group_size, n_tiles;
+    bool act_order;
+    int sms, bps;
+  };
+  const PlanCase cases[] = {
+      {4096, 128, 48, false, 132, 8},  {4096, 128, 224, false, 132, 3},
+      {14336, 128, 32, false, 132, 8}, {14336, 128, 32, false, 132, 1},
+      {4096, 16, 8, false, 132, 8},    {4096, 16, 1, true, 132, 1},
+      {4096, 32, 2, true, 108, 4},     {4096, -1, 64, false, 132, 12},
+      {768, 48, 2, false, 132, 8},     {128, 64, 1000, false, 132, 8},
+  };
+  for (const PlanCase& c : cases) {
+    SCOPED_TRACE(absl::StrCat("K=", c.k, " g", c.group_size, " N tiles ", c.n_tiles,
+                              c.act_order ? " act-order" : "", " target ", c.bps, "/SM x ", c.sms));
+    const IntQuantMatrix m = MakeMatrix(128, c.k, 4, c.group_size, c.act_order,
+                                        ZeroKind::kRandomInt, static_cast<uint32_t>(c.k));
+    auto p = PackIntWeights(m);
+    ASSERT_TRUE(p.ok()) << p.status();
+    std::vector<int32_t> groups(p->kblock_info.size());
+    for (size_t i = 0; i < groups.size(); ++i) groups[i] = p->kblock_info[i] >> 2;
+    const int64_t per = PlanIntGemv4TilesPerSplit(groups, c.n_tiles, c.sms, c.bps);
+    const int64_t k_tiles = c.k / 64;
+    ASSERT_GE(per, 1);
+    ASSERT_LE(per, kIntGemv4MaxTiles);
+    ASSERT_LE(per, k_tiles);
+    const int64_t splits = (k_tiles + per - 1) / per;
+    for (int64_t sp = 0; sp < splits; ++sp) {
+      std::set<int32_t> distinct;
+      for (int64_t st = sp * per * 4; st < std::min(k_tiles, (sp + 1) * per) * 4; ++st) {
+        distinct.insert(groups[st]);
+      }
+      EXPECT_LE(distinct.size(), static_cast<size_t>(kIntGemv4GroupRows)) << "split " << sp;
+    }
+    // Not split finer than the block target needs, unless a staging limit forces it.
+    const int64_t want = (static_cast<int64_t>(c.bps) * c.sms + c.n_tiles - 1) / c.n_tiles;
+    if (splits > std::max<int64_t>(want, (k_tiles + 15) / 16)) {
+      // Only the group limit may have halved the split: the next larger one breaks it.
+      const int64_t bigger = std::min<int64_t>(per * 2, kIntGemv4MaxTiles);
+      int64_t worst = 0;
+      for (int64_t first = 0; first < k_tiles; first += bigger) {
+        std::set<int32_t> distinct;
+        for (int64_t st = first * 4; st < std::min(k_tiles, first + bigger) * 4; ++st) {
+          distinct.insert(groups[st]);
+        }
+        worst = std::max<int64_t>(worst, static_cast<int64_t>(distinct.size()));
+      }
+      EXPECT_GT(worst, kIntGemv4GroupRows) << "split into " << splits << " without need";
+    }
+  }
 }
 
 TEST(IntWeightPackTest, RejectsUnsupportedShapesWithClearMessages) {
