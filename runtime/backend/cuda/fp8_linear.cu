@@ -148,14 +148,6 @@ __global__ void __launch_bounds__(kQuantThreads)
 }
 
 // ---- GEMV building blocks ----------------------------------------------------------------
-__device__ __forceinline__ uint4 LoadWeight16(const uint8_t* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
-  return r;
-}
-
 __device__ __forceinline__ void MmaE4M3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                         uint32_t a3, uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
@@ -297,7 +289,7 @@ __global__ void __launch_bounds__(kGemvThreads)
       for (int u = 0; u < kLoadsInFlight; ++u) {
         const int off = kk + u * 64;  // + 16 t: in wp
         wv[u] =
-            (row_ok && off + 16 * t < klen) ? LoadWeight16(wp + off) : make_uint4(0u, 0u, 0u, 0u);
+            (row_ok && off + 16 * t < klen) ? LoadStreamed16(wp + off) : make_uint4(0u, 0u, 0u, 0u);
       }
 #pragma unroll
       for (int u = 0; u < kLoadsInFlight; ++u) {

@@ -209,7 +209,9 @@ __device__ __forceinline__ void StoreTile(const float (&acc)[kMT][kNT][4], int r
                                           int* __restrict__ tile_counters, int split,
                                           int num_splits, int counter) {
   const int lane = threadIdx.x & 31;
-  if (num_splits == 1) {
+  // f(row, col, v0, v1) for each pair of this lane's accumulators inside [m, n): v0 at
+  // (row, col), v1 at (row, col + 1) (col + 1 may be n).
+  auto each_pair = [&](auto&& f) {
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -218,50 +220,42 @@ __device__ __forceinline__ void StoreTile(const float (&acc)[kMT][kNT][4], int r
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int row = row0 + mt * 16 + (lane >> 2) + half * 8;
-          if (row >= m) continue;
-          const float v0 = acc[mt][j][half * 2];
-          const float v1 = acc[mt][j][half * 2 + 1];
-          const size_t off = static_cast<size_t>(row) * n + col;
-          if (y_is_bf16) {
-            bf16* yb = static_cast<bf16*>(y);
-            if (vec_store && col + 1 < n) {
-              *reinterpret_cast<__nv_bfloat162*>(yb + off) = __floats2bfloat162_rn(v0, v1);
-            } else {
-              if (col < n) yb[off] = __float2bfloat16_rn(v0);
-              if (col + 1 < n) yb[off + 1] = __float2bfloat16_rn(v1);
-            }
-          } else {
-            float* yf = static_cast<float*>(y);
-            if (vec_store && col + 1 < n) {
-              *reinterpret_cast<float2*>(yf + off) = make_float2(v0, v1);
-            } else {
-              if (col < n) yf[off] = v0;
-              if (col + 1 < n) yf[off + 1] = v1;
-            }
-          }
+          if (row < m && col < n) f(row, col, acc[mt][j][half * 2], acc[mt][j][half * 2 + 1]);
         }
       }
     }
+  };
+  if (num_splits == 1) {
+    each_pair([&](int row, int col, float v0, float v1) {
+      const size_t off = static_cast<size_t>(row) * n + col;
+      if (y_is_bf16) {
+        bf16* yb = static_cast<bf16*>(y);
+        if (vec_store && col + 1 < n) {
+          *reinterpret_cast<__nv_bfloat162*>(yb + off) = __floats2bfloat162_rn(v0, v1);
+        } else {
+          yb[off] = __float2bfloat16_rn(v0);
+          if (col + 1 < n) yb[off + 1] = __float2bfloat16_rn(v1);
+        }
+      } else {
+        float* yf = static_cast<float*>(y);
+        if (vec_store && col + 1 < n) {
+          *reinterpret_cast<float2*>(yf + off) = make_float2(v0, v1);
+        } else {
+          yf[off] = v0;
+          if (col + 1 < n) yf[off + 1] = v1;
+        }
+      }
+    });
     return;
   }
 
   const size_t slice = static_cast<size_t>(m) * n;
   float* const mine = workspace + slice * split;
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-      const int col = col0 + j * 8 + (lane & 3) * 2;
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = row0 + mt * 16 + (lane >> 2) + half * 8;
-        if (row >= m) continue;
-        const size_t off = static_cast<size_t>(row) * n + col;
-        if (col < n) __stcg(mine + off, acc[mt][j][half * 2]);
-        if (col + 1 < n) __stcg(mine + off + 1, acc[mt][j][half * 2 + 1]);
-      }
-    }
-  }
+  each_pair([&](int row, int col, float v0, float v1) {
+    const size_t off = static_cast<size_t>(row) * n + col;
+    __stcg(mine + off, v0);
+    if (col + 1 < n) __stcg(mine + off + 1, v1);
+  });
   __threadfence();
   __syncthreads();
   __shared__ int is_last;
@@ -564,14 +558,6 @@ constexpr int kGemvXStride = kGemvMaxTiles * kTileK * 2 + 16;  // bytes per stag
 constexpr int kGemvSmemBytes =
     16 * kGemvXStride + kGemvGroupRows * kTileN * 8 + kGemvMaxTiles * 4 * 4 + kGemvGroupRows * 4;
 
-__device__ __forceinline__ uint4 LoadCodes16(const uint4* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
-  return r;
-}
-
 // grid = (N tiles, K splits), 256 threads; ktiles_per_split <= kGemvMaxTiles, and the K
 // range of every split touches at most kGemvGroupRows groups. Split-K scratch as the GEMM's.
 // Three blocks per SM (<= 85 registers, 3 x 49 KiB of shared memory): 24 warps, each
@@ -605,7 +591,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   uint4 cv[kGemvLoads];
 #pragma unroll
   for (int u = 0; u < kGemvLoads; ++u) {
-    cv[u] = u < num_kt ? LoadCodes16(cp + u * (kTileN * kTileK / 32)) : make_uint4(0, 0, 0, 0);
+    cv[u] = u < num_kt ? LoadStreamed16(cp + u * (kTileN * kTileK / 32)) : make_uint4(0, 0, 0, 0);
   }
   for (int i = tid; i < steps; i += kThreads) info_s[i] = __ldg(kinfo + kt_begin * 4 + i);
   __syncthreads();
@@ -659,7 +645,7 @@ __global__ void __launch_bounds__(kThreads, 3)
     if (tt >= num_kt) break;
     const uint4 c = cv[tt % kGemvLoads];
     if (tt + kGemvLoads < num_kt) {
-      cv[tt % kGemvLoads] = LoadCodes16(cp + (tt + kGemvLoads) * (kTileN * kTileK / 32));
+      cv[tt % kGemvLoads] = LoadStreamed16(cp + (tt + kGemvLoads) * (kTileN * kTileK / 32));
     }
     const uint32_t words[4] = {c.x, c.y, c.z, c.w};
 #pragma unroll

@@ -40,6 +40,16 @@ __device__ __forceinline__ void PrefetchL2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
+// 16 bytes of read-only data that is streamed (weights: each byte used by one warp once):
+// ld.global.nc without L1 allocation, so it does not evict what the block reuses.
+__device__ __forceinline__ uint4 LoadStreamed16(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), with programmatic stream serialization
 // allowed when ProgrammaticLaunchEnabled().
 template <typename... Params, typename... Args>
