@@ -39,11 +39,12 @@
 // bf16 (relative error <= 2^-9; 4-bit: computed as s_hi*t + (s_lo*t + c) in bf16x2 fmas
 // with the exact t = code - round(zero), see PackedIntWeights::scale_zero; 8-bit: one fp32
 // fma). x is bf16 as given; products are exact in fp32 and accumulated in fp32 (order
-// differs from any CPU loop; split K adds partial sums with fp32 atomics, so results may
-// differ in the last bits from run to run). Against a float64 reference the error is
-// dominated by the weight rounding: ~2^-9/sqrt(3) relative per term with random signs,
-// i.e. normwise ~1e-3..2.5e-3 of ||y|| (measured on H100); tests use 1e-2 normwise and
-// 3e-2 of the row RMS elementwise. bf16 output adds one more rounding (2^-9 relative).
+// differs from any CPU loop; split K adds the partial sums in split order, so two runs give
+// the same bits). Against a float64 reference the error is dominated by the weight
+// rounding: ~2^-9/sqrt(3) relative per term with random signs, i.e. normwise
+// ~1e-3..2.5e-3 of ||y|| (measured on H100); tests use 1e-2 normwise and 3e-2 of the row
+// RMS elementwise. bf16 output adds one more rounding (2^-9 relative). The factored-scale
+// paths (SetIntGemmFactoredScales, SetIntGemv4) round no weight: their tests use 1e-4.
 //
 // Measured on one H100 (SXM, 132 SMs; bench test BenchLlama8BShapes, g128, bf16 out):
 // decode M = 1 streams the packed weights at ~1.3 TB/s (4-bit) and ~1.7-1.9 TB/s (8-bit)
