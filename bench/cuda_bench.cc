@@ -20,13 +20,14 @@
 //     write in one launch, attention's split combine inside the attention kernel, fp8
 //     activations quantized by the kernels that produce them, cuBLASLt algorithms chosen by
 //     timing, the 4-bit factored-scale GEMM and decode GEMV, fp8 cuBLASLt with outer-vector
-//     scales; QSHARD_CUDA_FUSED_ROPE_KV / _COMBINE / _ACT_QUANT, QSHARD_CUDA_BLAS_AUTOTUNE,
-//     QSHARD_CUDA_INT_FACTORED / _INT_GEMV, QSHARD_CUDA_FP8_BLAS_SCALED) (--no-graphs skips these
+//     scales, the fp8 GEMV's ring of loads; QSHARD_CUDA_FUSED_ROPE_KV / _COMBINE /
+//     _ACT_QUANT, QSHARD_CUDA_BLAS_AUTOTUNE, QSHARD_CUDA_INT_FACTORED / _INT_GEMV,
+//     QSHARD_CUDA_FP8_BLAS_SCALED, QSHARD_CUDA_GEMV8_RING) (--no-graphs skips these
 //     passes; a failure there is reported in the row and does not fail the run);
 //   - all decoder linears with the format's opt-in linear kernel against its default at a
 //     few M ("opt-in linear kernel" column: dense formats cuBLASLt autotuned at M = 1, 16,
 //     64; 4-bit the factored-scale GEMM at M = 1, 16, 64 and the decode GEMV at M = 1, 16;
-//     fp8 W8A8 outer-vector-scaled
+//     fp8 W8A8 the GEMV's ring of loads at M = 1, 16 and outer-vector-scaled
 //     cuBLASLt at M = 64, 512);
 //   - --sweep-splits: all decoder linears at M = 1 and 16 (and 64 for the integer kernel;
 //     4-bit also with the factored-scale GEMM and the decode GEMV) for several K-split targets
@@ -166,14 +167,14 @@ absl::StatusOr<double> Bf16GemmTflops() {
 // them): captured once, then either all on or back as captured. Autotuning rebuilds the
 // cuBLASLt plans when it changes.
 struct OptIns {
-  bool rope_kv, combine, act_quant, autotune, factored, int_gemv, blas_scaled;
+  bool rope_kv, combine, act_quant, autotune, factored, int_gemv, blas_scaled, gemv8_ring;
   static OptIns Current() {
     return {cuda::FusedRopeKvWriteEnabled(),      cuda::FusedSplitCombineEnabled(),
             cuda::FusedActQuantEnabled(),         cuda::BlasAutotuneEnabled(),
             cuda::IntGemmFactoredScalesEnabled(), cuda::IntGemv4Enabled(),
-            cuda::Fp8BlasScaledEnabled()};
+            cuda::Fp8BlasScaledEnabled(),         cuda::Gemv8RingEnabled()};
   }
-  static OptIns AllOn() { return {true, true, true, true, true, true, true}; }
+  static OptIns AllOn() { return {true, true, true, true, true, true, true, true}; }
   absl::Status Apply(Backend& backend) const {
     cuda::SetFusedRopeKvWrite(rope_kv);
     cuda::SetFusedSplitCombine(combine);
@@ -181,6 +182,7 @@ struct OptIns {
     cuda::SetIntGemmFactoredScales(factored);
     cuda::SetIntGemv4(int_gemv);
     cuda::SetFp8BlasScaled(blas_scaled);
+    cuda::SetGemv8Ring(gemv8_ring);
     if (cuda::BlasAutotuneEnabled() != autotune) {
       cuda::SetBlasAutotune(autotune);
       QSHARD_RETURN_IF_ERROR(ResetCudaBlasPlans(backend));
@@ -488,6 +490,9 @@ absl::Status RunFormat(const ModelConfig& shape, const std::string& format,
     QSHARD_RETURN_IF_ERROR(
         time_alt("gemv", {1, 16}, cuda::SetIntGemv4, cuda::IntGemv4Enabled, no_reset));
   } else if (r.kernel.find("fp8-w8a8") != std::string::npos) {
+    // The GEMV with its loads as a ring (M <= 16).
+    QSHARD_RETURN_IF_ERROR(
+        time_alt("gemv-ring", {1, 16}, cuda::SetGemv8Ring, cuda::Gemv8RingEnabled, no_reset));
     // cuBLASLt with outer-vector scales instead of fp32 accumulators + epilogue (M > 16).
     QSHARD_RETURN_IF_ERROR(time_alt("blas-scaled", {64, 512}, cuda::SetFp8BlasScaled,
                                     cuda::Fp8BlasScaledEnabled, no_reset));

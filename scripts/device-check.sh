@@ -62,7 +62,8 @@ SUMMARY="$LOG_DIR/summary.txt"
 : >"$BUILD_LOG"
 # The opt-in kernels (off by default until a GPU run has verified and measured them).
 OPTIN_ENV=(QSHARD_CUDA_FUSED_ROPE_KV=1 QSHARD_CUDA_FUSED_COMBINE=1 QSHARD_CUDA_FUSED_ACT_QUANT=1
-  QSHARD_CUDA_INT_FACTORED=1 QSHARD_CUDA_INT_GEMV=1)
+  QSHARD_CUDA_INT_FACTORED=1 QSHARD_CUDA_INT_GEMV=1 QSHARD_CUDA_FP8_BLAS_SCALED=1
+  QSHARD_CUDA_GEMV8_RING=1)
 
 section() { printf '\n==== %s ====\n' "$*"; }
 # An executable on PATH (command -v alone also reports a non-executable match).

@@ -223,7 +223,9 @@ __device__ __forceinline__ void StoreOut(void* y, bool y_bf16, int64_t idx, floa
 }
 
 // kMode: Quant8Mode as int. Acc: float, or int for int8 W8A8.
-template <int kMode>
+// kRing (opt-in, SetGemv8Ring): the W loads are a ring refilled as each is consumed
+// instead of batches of kLoadsInFlight (same arithmetic in the same order: the same bits).
+template <int kMode, bool kRing = false>
 __global__ void __launch_bounds__(kGemvThreads)
     Gemv8Kernel(const uint8_t* __restrict__ x, const float* __restrict__ x_scale,
                 const uint8_t* __restrict__ w, const float* __restrict__ w_scale,
@@ -282,53 +284,72 @@ __global__ void __launch_bounds__(kGemvThreads)
   const unsigned char* xb = xa + 8 * stride;
 
   Acc acc[2][4] = {};  // two accumulator chains (even / odd load) to overlap mma latency
-  if (col0 < n) {
-    for (int kk = 0; kk < klen; kk += kStepBytes) {
-      uint4 wv[kLoadsInFlight];
+  // Chunk i of this lane's row slice: 16 bytes at k = 64 i + 16 t, multiplied into the
+  // accumulator chain i & 1 (two chains to overlap mma latency).
+  auto load = [&](int i) {
+    const int off = i * 64;  // + 16 t: in wp
+    return (row_ok && off + 16 * t < klen) ? LoadStreamed16(wp + off) : make_uint4(0u, 0u, 0u, 0u);
+  };
+  auto consume = [&](const uint4& wq, int i) {
+    const int off = i * 64 * kElem;
+    Acc(&c)[4] = acc[i & 1];
+    if constexpr (!kW8A16) {
+      const uint4 ra = *reinterpret_cast<const uint4*>(xa + off);
+      const uint4 rb =
+          hi_rows ? *reinterpret_cast<const uint4*>(xb + off) : make_uint4(0u, 0u, 0u, 0u);
+      if constexpr (kInt) {
+        MmaS8(c, ra.x, rb.x, ra.y, rb.y, wq.x, wq.y);
+        MmaS8(c, ra.z, rb.z, ra.w, rb.w, wq.z, wq.w);
+      } else {
+        // Each mma starts from zero and its 32-product sum is added in fp32 by the CUDA
+        // cores: fp8 tensor-core accumulation is not guaranteed to keep full fp32
+        // precision of a long running sum (on Hopper it is reported to keep ~14 bits).
+        float p[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        MmaE4M3(p, ra.x, rb.x, ra.y, rb.y, wq.x, wq.y);
+        MmaE4M3(p, ra.z, rb.z, ra.w, rb.w, wq.z, wq.w);
 #pragma unroll
-      for (int u = 0; u < kLoadsInFlight; ++u) {
-        const int off = kk + u * 64;  // + 16 t: in wp
-        wv[u] =
-            (row_ok && off + 16 * t < klen) ? LoadStreamed16(wp + off) : make_uint4(0u, 0u, 0u, 0u);
+        for (int q = 0; q < 4; ++q) c[q] += p[q];
       }
+    } else {
+      constexpr bool kFp8 = kMode == static_cast<int>(Quant8Mode::kFp8W8A16);
+      const uint32_t wr[4] = {wq.x, wq.y, wq.z, wq.w};
 #pragma unroll
-      for (int u = 0; u < kLoadsInFlight; ++u) {
-        const int off = (kk + u * 64) * kElem;
-        Acc(&c)[4] = acc[u & 1];
-        if constexpr (!kW8A16) {
-          const uint4 ra = *reinterpret_cast<const uint4*>(xa + off);
-          const uint4 rb =
-              hi_rows ? *reinterpret_cast<const uint4*>(xb + off) : make_uint4(0u, 0u, 0u, 0u);
-          if constexpr (kInt) {
-            MmaS8(c, ra.x, rb.x, ra.y, rb.y, wv[u].x, wv[u].y);
-            MmaS8(c, ra.z, rb.z, ra.w, rb.w, wv[u].z, wv[u].w);
-          } else {
-            // Each mma starts from zero and its 32-product sum is added in fp32 by the CUDA
-            // cores: fp8 tensor-core accumulation is not guaranteed to keep full fp32
-            // precision of a long running sum (on Hopper it is reported to keep ~14 bits).
-            float p[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            MmaE4M3(p, ra.x, rb.x, ra.y, rb.y, wv[u].x, wv[u].y);
-            MmaE4M3(p, ra.z, rb.z, ra.w, rb.w, wv[u].z, wv[u].w);
+      for (int half = 0; half < 2; ++half) {  // 8 codes (2 regs) -> 2 mmas
+        const int o = off + half * 16;
+        const uint4 qa = *reinterpret_cast<const uint4*>(xa + o);
+        const uint4 qb =
+            hi_rows ? *reinterpret_cast<const uint4*>(xb + o) : make_uint4(0u, 0u, 0u, 0u);
+        const uint32_t w0 = wr[2 * half], w1 = wr[2 * half + 1];
+        // mma j = 2 half + 0: codes 0..3 of w0; j = 2 half + 1: codes 0..3 of w1.
+        MmaBf16(c, qa.x, qb.x, qa.y, qb.y, CodesToBf16x2<kFp8>(w0), CodesToBf16x2<kFp8>(w0 >> 16));
+        MmaBf16(c, qa.z, qb.z, qa.w, qb.w, CodesToBf16x2<kFp8>(w1), CodesToBf16x2<kFp8>(w1 >> 16));
+      }
+    }
+  };
+  if (col0 < n) {
+    // Chunks up to klen rounded up to kStepBytes (zeros past klen).
+    const int chunks = (klen + kStepBytes - 1) / kStepBytes * kLoadsInFlight;
+    uint4 wv[kLoadsInFlight];
+    if constexpr (kRing) {
+      // The slot of chunk i is refilled with chunk i + kLoadsInFlight as soon as it has been
+      // read, so kLoadsInFlight loads stay in flight up to the end of the slice.
 #pragma unroll
-            for (int i = 0; i < 4; ++i) c[i] += p[i];
-          }
-        } else {
-          constexpr bool kFp8 = kMode == static_cast<int>(Quant8Mode::kFp8W8A16);
-          const uint32_t wr[4] = {wv[u].x, wv[u].y, wv[u].z, wv[u].w};
+      for (int u = 0; u < kLoadsInFlight; ++u) wv[u] = load(u);
+      for (int i0 = 0; i0 < chunks; i0 += kLoadsInFlight) {
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {  // 8 codes (2 regs) -> 2 mmas
-            const int o = off + half * 16;
-            const uint4 qa = *reinterpret_cast<const uint4*>(xa + o);
-            const uint4 qb =
-                hi_rows ? *reinterpret_cast<const uint4*>(xb + o) : make_uint4(0u, 0u, 0u, 0u);
-            const uint32_t w0 = wr[2 * half], w1 = wr[2 * half + 1];
-            // mma j = 2 half + 0: codes 0..3 of w0; j = 2 half + 1: codes 0..3 of w1.
-            MmaBf16(c, qa.x, qb.x, qa.y, qb.y, CodesToBf16x2<kFp8>(w0),
-                    CodesToBf16x2<kFp8>(w0 >> 16));
-            MmaBf16(c, qa.z, qb.z, qa.w, qb.w, CodesToBf16x2<kFp8>(w1),
-                    CodesToBf16x2<kFp8>(w1 >> 16));
-          }
+        for (int u = 0; u < kLoadsInFlight; ++u) {
+          const uint4 wq = wv[u];
+          if (i0 + u + kLoadsInFlight < chunks) wv[u] = load(i0 + u + kLoadsInFlight);
+          consume(wq, i0 + u);
         }
+      }
+    } else {
+      // Batches: kLoadsInFlight loads, then their products.
+      for (int i0 = 0; i0 < chunks; i0 += kLoadsInFlight) {
+#pragma unroll
+        for (int u = 0; u < kLoadsInFlight; ++u) wv[u] = load(i0 + u);
+#pragma unroll
+        for (int u = 0; u < kLoadsInFlight; ++u) consume(wv[u], i0 + u);
       }
     }
   }
@@ -482,6 +503,16 @@ namespace {
 std::atomic<int> g_gemv8_blocks_per_sm{4};
 }  // namespace
 
+namespace {
+EnvFlag& Gemv8RingFlag() {
+  static EnvFlag flag("QSHARD_CUDA_GEMV8_RING", /*default_on=*/false);
+  return flag;
+}
+}  // namespace
+
+void SetGemv8Ring(bool on) { Gemv8RingFlag().Set(on); }
+bool Gemv8RingEnabled() { return Gemv8RingFlag().Get(); }
+
 void SetGemv8BlocksPerSm(int blocks) {
   g_gemv8_blocks_per_sm.store(std::clamp(blocks, 1, 64), std::memory_order_relaxed);
 }
@@ -537,8 +568,9 @@ absl::Status LaunchGemv8(const Gemv8Args& a, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   switch (a.mode) {
     case Quant8Mode::kFp8W8A8:
-      err = LaunchPdl(Gemv8Kernel<0>, grid, dim3(kGemvThreads), smem, stream, x, a.x_scale, w,
-                      a.w_scale, a.bias, a.y, y_bf16, m, n, k, ks, partials, a.counters);
+      err = LaunchPdl(Gemv8RingEnabled() ? Gemv8Kernel<0, true> : Gemv8Kernel<0>, grid,
+                      dim3(kGemvThreads), smem, stream, x, a.x_scale, w, a.w_scale, a.bias, a.y,
+                      y_bf16, m, n, k, ks, partials, a.counters);
       break;
     case Quant8Mode::kInt8W8A8:
       err = LaunchPdl(Gemv8Kernel<1>, grid, dim3(kGemvThreads), smem, stream, x, a.x_scale, w,

@@ -99,6 +99,14 @@ Gemv8Plan PlanGemv8(Quant8Mode mode, int64_t n, int64_t k, int sms);
 void SetGemv8BlocksPerSm(int blocks);
 int Gemv8BlocksPerSm();
 
+// The fp8 W8A8 GEMV's loads as a ring (each 16-byte W load refilled with the one 8 chunks
+// ahead as soon as it is consumed, so 8 stay in flight per thread to the end of the slice)
+// instead of batches of 8 loads then 8 products. Same arithmetic, same bits; more
+// registers (fewer resident blocks). Process-wide, off by default until a GPU run has
+// measured it; QSHARD_CUDA_GEMV8_RING=1 at first use turns it on.
+void SetGemv8Ring(bool on);
+bool Gemv8RingEnabled();
+
 absl::Status LaunchGemv8(const Gemv8Args& args, cudaStream_t stream);
 
 // y[m, n] = acc[m, n] * x_scale[m] * w_scale[n] + bias[n], acc fp32 or int32 (acc_is_int).

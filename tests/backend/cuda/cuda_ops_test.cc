@@ -524,6 +524,7 @@ TEST(CudaOpsArgsTest, OptInSwitches) {
   const Switch switches[] = {{SetIntGemmFactoredScales, IntGemmFactoredScalesEnabled},
                              {SetIntGemv4, IntGemv4Enabled},
                              {SetFp8BlasScaled, Fp8BlasScaledEnabled},
+                             {SetGemv8Ring, Gemv8RingEnabled},
                              {SetFusedActQuant, FusedActQuantEnabled}};
   for (const Switch& sw : switches) {
     const bool saved = sw.get();

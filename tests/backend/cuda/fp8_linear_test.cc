@@ -486,27 +486,65 @@ TEST(Fp8LinearTest, Int8WeightOnly) {
   RunLayerCases({WeightFormat::kInt8, ActQuant::kNone, false, false}, 7000);
 }
 
-// A 256 x 512 layer of random codes, scales 1e-3 per channel, bias 0.5 when asked.
-LinearWeights SmallLayer(const std::string& name, WeightFormat format, ActQuant act,
-                         bool with_bias) {
+// An n x k layer (256 x 512 unless given) of random codes, scales 1e-3 per channel, bias
+// 0.5 when asked.
+LinearWeights SmallLayer(const std::string& name, WeightFormat format, ActQuant act, bool with_bias,
+                         int64_t n = 256, int64_t k = 512) {
   const bool fp8 = format == WeightFormat::kFp8;
   LinearWeights w;
   w.name = name;
-  w.in_features = 512;
-  w.out_features = 256;
+  w.in_features = k;
+  w.out_features = n;
   w.format = format;
   w.act_quant = act;
-  w.weight = Tensor::Empty(fp8 ? DType::kF8E4M3 : DType::kI8, {256, 512});
-  const std::vector<uint8_t> codes =
-      fp8 ? RandomE4M3Codes(256 * 512, 3) : RandomInt8Codes(256 * 512, 3);
+  w.weight = Tensor::Empty(fp8 ? DType::kF8E4M3 : DType::kI8, {n, k});
+  const std::vector<uint8_t> codes = fp8 ? RandomE4M3Codes(n * k, 3) : RandomInt8Codes(n * k, 3);
   std::memcpy(w.weight.raw(), codes.data(), codes.size());
-  w.weight_scale = Tensor::Empty(DType::kF32, {256, 1});
-  for (int i = 0; i < 256; ++i) w.weight_scale.data<float>()[i] = 1e-3f;
+  w.weight_scale = Tensor::Empty(DType::kF32, {n, 1});
+  for (int64_t i = 0; i < n; ++i) w.weight_scale.data<float>()[i] = 1e-3f;
   if (with_bias) {
-    w.bias = Tensor::Empty(DType::kF32, {256});
-    for (int i = 0; i < 256; ++i) w.bias.data<float>()[i] = 0.5f;
+    w.bias = Tensor::Empty(DType::kF32, {n});
+    for (int64_t i = 0; i < n; ++i) w.bias.data<float>()[i] = 0.5f;
   }
   return w;
+}
+
+// The ring-loaded GEMV (SetGemv8Ring) does the default's arithmetic in the default's order:
+// the same bits, on shapes with K tails, one and many K splits, and every decode M.
+TEST(Fp8LinearTest, Gemv8RingGivesTheSameBits) {
+  SKIP_WITHOUT_GPU();
+  auto dev = OpenDevice();
+  ASSERT_NE(dev, nullptr);
+  if (!HasFp8TensorCores(dev->info)) GTEST_SKIP() << "no fp8 tensor cores";
+  struct Restore {
+    bool saved = Gemv8RingEnabled();
+    ~Restore() { SetGemv8Ring(saved); }
+  } restore;
+  cudaStream_t stream = dev->stream.get();
+  for (const Shape2 s : {Shape2{256, 512}, Shape2{200, 4112}, Shape2{77, 1040}, Shape2{64, 8192},
+                         Shape2{4096, 4096}}) {
+    auto op = QuantLinear8::Create(
+        SmallLayer("ring", WeightFormat::kFp8, ActQuant::kFp8PerToken, false, s.n, s.k),
+        dev->info.cc_major, dev->info.cc_minor, stream);
+    ASSERT_TRUE(op.ok()) << op.status();
+    for (int64_t m : {1, 3, 16}) {
+      const std::string what = absl::StrCat(s.n, " x ", s.k, " m=", m);
+      auto xd = UploadVec(Bf16Bits(RandomX(m, s.k, static_cast<uint32_t>(s.n + m))), stream);
+      ASSERT_TRUE(xd.ok()) << xd.status();
+      std::vector<uint8_t> out[2];
+      for (const bool ring : {false, true}) {
+        SetGemv8Ring(ring);
+        auto y = DeviceBuffer::Allocate(static_cast<size_t>(m * s.n) * 4);
+        ASSERT_TRUE(y.ok()) << y.status();
+        Q8_ASSERT_OK(y->Fill(ring ? 0xFF : 0x7F, stream));  // different poison per run
+        Q8_ASSERT_OK((*op)->Run(xd->get(), m, y->get(), DType::kF32, stream));
+        out[ring].resize(static_cast<size_t>(m * s.n) * 4);
+        Q8_ASSERT_OK(y->CopyToHost(out[ring].data(), out[ring].size(), stream));
+        EXPECT_EQ((*op)->kernel_name(), "cuda-fp8-w8a8-gemv") << what;
+      }
+      EXPECT_TRUE(out[0] == out[1]) << what << ": the ring GEMV differs from the default";
+    }
+  }
 }
 
 // The outer-vector-scaled cuBLASLt path (SetFp8BlasScaled) for m > 16: every fp8 W8A8 case
