@@ -575,6 +575,16 @@ void CheckFactoredPath(bool gemv, cudaStream_t stream) {
     seed += 7;
     if (::testing::Test::HasFatalFailure()) return;
   }
+  // Switched off, an eligible matrix takes the default kernel.
+  if (gemv) {
+    SetIntGemv4(false);
+  } else {
+    SetIntGemmFactoredScales(false);
+  }
+  const IntQuantMatrix w = MakeMatrix(256, 512, 4, 128, false, ZeroKind::kRandomInt, 1);
+  auto g = IntWeightGemm::Create(w, stream);
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_FALSE(gemv ? (*g)->UsesGemv4(1) : (*g)->UsesFactoredScales(1)) << "switched off";
 }
 
 TEST_F(IntWeightGemmTest, FactoredScalesMatchReference) {
@@ -582,33 +592,23 @@ TEST_F(IntWeightGemmTest, FactoredScalesMatchReference) {
   SetIntGemv4(false);
   SetIntGemmFactoredScales(true);
   CheckFactoredPath(/*gemv=*/false, stream_.get());
-  if (HasFatalFailure()) return;
-  SetIntGemmFactoredScales(false);
-  const IntQuantMatrix w = MakeMatrix(256, 512, 4, 128, false, ZeroKind::kRandomInt, 1);
-  auto g = IntWeightGemm::Create(w, stream_.get());
-  ASSERT_TRUE(g.ok()) << g.status();
-  EXPECT_FALSE((*g)->UsesFactoredScales(1)) << "switched off";
 }
 
 TEST_F(IntWeightGemmTest, Gemv4MatchesReference) {
   FactoredScalesRestore restore;
   SetIntGemmFactoredScales(false);
   SetIntGemv4(true);
-  CheckFactoredPath(/*gemv=*/true, stream_.get());
-  if (HasFatalFailure()) return;
   // Other split targets give other K splits (and group-row plans); the same bound.
   const int saved = IntGemmBlocksPerSm();
   for (int bps : {1, 3, 12}) {
     SetIntGemmBlocksPerSm(bps);
     RunCase({1, 1024, 4096, 4, 64, false, ZeroKind::kRandomInt, DType::kF32}, 40 + bps,
             stream_.get(), 2, 1e-4);
+    if (HasFatalFailure()) break;
   }
   SetIntGemmBlocksPerSm(saved);
-  SetIntGemv4(false);
-  const IntQuantMatrix w = MakeMatrix(256, 512, 4, 128, false, ZeroKind::kRandomInt, 1);
-  auto g = IntWeightGemm::Create(w, stream_.get());
-  ASSERT_TRUE(g.ok()) << g.status();
-  EXPECT_FALSE((*g)->UsesGemv4(1)) << "switched off";
+  if (HasFatalFailure()) return;
+  CheckFactoredPath(/*gemv=*/true, stream_.get());
 }
 
 TEST_F(IntWeightGemmTest, CreateRejectsBadShapes) {
