@@ -191,6 +191,42 @@ __device__ __forceinline__ void Dequant8(uint32_t word, uint2 sz, uint32_t& b0, 
   b1 = PackBf16x2(w[2], w[3]);
 }
 
+// The factored-scale paths' group bookkeeping, shared by the GEMM and the GEMV.
+// FlushGroup: acc += the finished group's sums times its scales (this lane's C columns
+// 2 tig, 2 tig + 1 of each n8 tile); gacc back to zero.
+template <int kMT, int kNT>
+__device__ __forceinline__ void FlushGroup(float (&acc)[kMT][kNT][4], float (&gacc)[kMT][kNT][4],
+                                           const float (&gscale)[kNT][2]) {
+#pragma unroll
+  for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc[i][j][e] = fmaf(gacc[i][j][e], gscale[j][e & 1], acc[i][j][e]);
+        gacc[i][j][e] = 0.0f;
+      }
+    }
+  }
+}
+// LoadGroupScales: a new group's scale row entries for this warp's kNT n8 tiles (`row`
+// points at the warp's first column): the zero pair of the lane's B column (gid; word 1 =
+// {c = 0, 128 + z_int}, both halves become 128 + z_int) and the fp32 scales s_hi + s_lo
+// (exact) of its C columns.
+template <int kNT>
+__device__ __forceinline__ void LoadGroupScales(const uint2* row, int lane, uint32_t (&gzero)[kNT],
+                                                float (&gscale)[kNT][2]) {
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+    gzero[j] = __byte_perm(row[j * 8 + (lane >> 2)].y, 0u, 0x3232);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const __nv_bfloat162 sc = AsBf162(row[j * 8 + (lane & 3) * 2 + e].x);
+      gscale[j][e] = __low2float(sc) + __high2float(sc);
+    }
+  }
+}
+
 // The epilogue of both integer-weight kernels. A warp's accumulators acc[kMT][kNT] cover
 // rows row0 + mt * 16 + gid (+ 8) and columns col0 + j * 8 + 2 tig (+ 1) (C fragment layout);
 // the block's tile is kBM x kTileN at (tile_row0, tile_col0). One split (num_splits == 1):
@@ -393,45 +429,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
   };
 
-  float acc[kMT][kNT][4];
-#pragma unroll
-  for (int i = 0; i < kMT; ++i) {
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
-    }
-  }
-  // kFactored only (dead otherwise): the current group's fp32 sums, its id, the scales of
-  // this lane's C columns (2 tig, 2 tig + 1 of each n8 tile) and the zero pair of its B
-  // column (gid of each n8 tile).
-  float gacc[kMT][kNT][4];
-  float gscale[kNT][2];
-  uint32_t gzero[kNT];
+  float acc[kMT][kNT][4] = {};
+  // kFactored only (dead otherwise): the current group's fp32 sums, its id, its scales and
+  // zero pairs (LoadGroupScales).
+  float gacc[kMT][kNT][4] = {};
+  float gscale[kNT][2] = {};
+  uint32_t gzero[kNT] = {};
   int cur_group = -1;
-  auto flush_group = [&]() {
-#pragma unroll
-    for (int i = 0; i < kMT; ++i) {
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          acc[i][j][e] = fmaf(gacc[i][j][e], gscale[j][e & 1], acc[i][j][e]);
-          gacc[i][j][e] = 0.0f;
-        }
-      }
-    }
-  };
-  if constexpr (kFactored) {
-#pragma unroll
-    for (int i = 0; i < kMT; ++i) {
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) gacc[i][j][e] = 0.0f;
-      }
-    }
-  }
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -486,19 +490,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       if constexpr (kFactored) {
         const int group = infos[s] >> 2;  // the same for the whole block
         if (group != cur_group) {
-          if (cur_group >= 0) flush_group();
+          if (cur_group >= 0) FlushGroup(acc, gacc, gscale);
           cur_group = group;
-#pragma unroll
-          for (int j = 0; j < kNT; ++j) {
-            const int col = warp_n * kNT * 8 + j * 8;
-            // word 1 = {c = 0, 128 + z_int}: both halves of the pair become 128 + z_int.
-            gzero[j] = __byte_perm(s_s[slot * kTileN + col + (lane >> 2)].y, 0u, 0x3232);
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const __nv_bfloat162 sc = AsBf162(s_s[slot * kTileN + col + (lane & 3) * 2 + e].x);
-              gscale[j][e] = __low2float(sc) + __high2float(sc);  // s_hi + s_lo, exact
-            }
-          }
+          LoadGroupScales(s_s + slot * kTileN + warp_n * kNT * 8, lane, gzero, gscale);
         }
       }
       uint32_t a[kMT][4];
@@ -532,7 +526,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
   CpAsyncWait<0>();
   if constexpr (kFactored) {
-    if (cur_group >= 0) flush_group();
+    if (cur_group >= 0) FlushGroup(acc, gacc, gscale);
   }
 
   StoreTile<kMT, kNT, kBM>(acc, m0 + warp_m * kMT * 16, ntile * kTileN + warp_n * kNT * 8, m0,
@@ -631,7 +625,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   __syncthreads();
 
   float acc[1][2][4] = {};
-  float gacc[2][4] = {};
+  float gacc[1][2][4] = {};
   float gscale[2][2] = {};
   uint32_t gzero[2] = {0, 0};
   int cur_group = -1, row = -1;
@@ -652,28 +646,10 @@ __global__ void __launch_bounds__(kThreads, 3)
     for (int s = 0; s < 4; ++s) {
       const int group = info_s[tt * 4 + s] >> 2;  // the same for the whole block
       if (group != cur_group) {
-        if (cur_group >= 0) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              acc[0][j][e] = fmaf(gacc[j][e], gscale[j][e & 1], acc[0][j][e]);
-              gacc[j][e] = 0.0f;
-            }
-          }
-        }
+        if (cur_group >= 0) FlushGroup(acc, gacc, gscale);
         cur_group = group;
         row = min(row + 1, kGemvGroupRows - 1);  // the host's plan keeps row in range
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const uint2* srow = scale_s + row * kTileN + warp * 16 + j * 8;
-          gzero[j] = __byte_perm(srow[lane >> 2].y, 0u, 0x3232);
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const __nv_bfloat162 sc = AsBf162(srow[(lane & 3) * 2 + e].x);
-            gscale[j][e] = __low2float(sc) + __high2float(sc);
-          }
-        }
+        LoadGroupScales(scale_s + row * kTileN + warp * 16, lane, gzero, gscale);
       }
       uint32_t a[4];
       LdMatrixX4(a, a_base + (tt * kTileK + s * 16) * 2);
@@ -681,15 +657,11 @@ __global__ void __launch_bounds__(kThreads, 3)
       for (int j = 0; j < 2; ++j) {
         uint32_t b0, b1;
         CodesMinusZero4(words[s], j, gzero[j], b0, b1);
-        MmaBf16(gacc[j], a, b0, b1);
+        MmaBf16(gacc[0][j], a, b0, b1);
       }
     }
   }
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[0][j][e] = fmaf(gacc[j][e], gscale[j][e & 1], acc[0][j][e]);
-  }
+  FlushGroup(acc, gacc, gscale);  // the last group (every split has one)
   StoreTile<1, 2, 16>(acc, 0, ntile * kTileN + warp * 16, 0, ntile * kTileN, m, n, y, y_is_bf16,
                       vec_store, workspace, tile_counters, blockIdx.y, gridDim.y, ntile);
 }
